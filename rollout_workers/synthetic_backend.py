@@ -1,0 +1,270 @@
+"""Synthetic rollout backend: a contextual bandit with known accuracy and latency tables.
+
+It stands in for the frozen model so that the GRPO update and the whole distributed system can be
+built and tested without it. Everything the controller sees is produced the way the real backend
+would produce it, only from tables:
+
+- Stage1 sees a fixed random "prompt embedding" per question type (plus a small per-sample jitter),
+  the budget, and the vision tokens each tier would give (some samples are small images whose tiers
+  collapse, so the masking path is exercised).
+- Stage2 sees a "latency-token state": a FIXED random map of (question type, budget code, p) standing
+  in for the frozen LLM's hidden state at the budget token. The budget and the question type reach
+  Stage2 only through it (and through the recomputed budget embedding, as in the real system).
+- Accuracy per (question type, effective tier, top_k, num_blocks) comes from a table built from four
+  archetypes (global view suffices / small detail needs crops / counting needs depth / reasoning
+  needs experts), so the best knobs differ by question type and by budget.
+- Latency per knob setting is a sum of segments (preprocess, vision, prefix, rest of prefill, decode)
+  with multiplicative Gaussian noise.
+
+The answer text is "yes" with probability equal to the table accuracy, else "no"; the reference answer
+is "yes" and the exact-match scorer scores it, so the real scoring path is used.
+
+`SyntheticTables.expected_reward` and `optimal` give the exact optimum (Gauss-Hermite quadrature
+over the latency noise), which the bandit test compares the trained controller against.
+
+Pure module: numpy and torch only.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from shared.backend import BackendInfo, RolloutBackend, RolloutOutcome, Sample
+from shared.controller import HeadDecision, Stage1Features, Stage2Features, TwoStageController, sinusoidal_code
+from shared.knobs import KnobChoice, KnobSpace
+from shared.rewards import RewardInputs
+
+# Archetype floors: accuracy factor at the cheapest level of (tier, top_k, num_blocks), and peak accuracy.
+_ARCHETYPES = {
+    "global_colour": ((0.92, 0.92, 0.92), 0.95),
+    "small_detail": ((0.15, 0.85, 0.85), 0.90),
+    "counting": ((0.80, 0.85, 0.15), 0.85),
+    "reasoning": ((0.80, 0.15, 0.85), 0.85),
+}
+_ANSWER_TOKENS = {"global_colour": 2, "small_detail": 3, "counting": 2, "reasoning": 8}
+_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(16)
+_GH_WEIGHTS = _GH_WEIGHTS / _GH_WEIGHTS.sum()
+
+
+def _levels(n: int) -> np.ndarray:
+    return np.linspace(0.0, 1.0, n) if n > 1 else np.ones(1)
+
+
+@dataclass
+class SyntheticTables:
+    """Known accuracy and latency tables over the knob space, per question type."""
+
+    space: KnobSpace
+    num_question_types: int = 4
+    latency_noise: float = 0.02
+    seed: int = 0
+    d_model: int = 64
+    small_image_fraction: float = 0.15
+
+    def __post_init__(self) -> None:
+        rng = np.random.default_rng(self.seed)
+        names = list(_ARCHETYPES)
+        self.qtypes = [names[i] if i < len(names) else f"mixed_{i}" for i in range(self.num_question_types)]
+        floors, peaks, answer_tokens = [], [], []
+        for i, name in enumerate(self.qtypes):
+            if name in _ARCHETYPES:
+                f, peak = _ARCHETYPES[name]
+            else:  # extra types: random mixes of sensitivities
+                f, peak = tuple(rng.uniform(0.15, 0.9, size=3)), float(rng.uniform(0.8, 0.95))
+            floors.append(f)
+            peaks.append(peak)
+            answer_tokens.append(_ANSWER_TOKENS.get(name, int(rng.integers(2, 8))))
+        self.floors = np.asarray(floors)                      # [Q, 3]
+        self.peaks = np.asarray(peaks)                        # [Q]
+        self.answer_tokens = np.asarray(answer_tokens)        # [Q]
+        s = self.space
+        self.tier_level = _levels(s.num_tiers)
+        self.top_k_level = _levels(len(s.top_ks))
+        self.nb_level = _levels(len(s.num_blocks))
+        # Vision tokens per tier follow Molmo's formula for a 4:3 image with tilings 1x2, 2x3, 3x4...
+        self.full_tokens = [self._tokens(c) for c in s.tier_max_crops]
+        # Fixed random maps standing in for the frozen LLM (seeded; never trained).
+        self.prompt_embed = rng.standard_normal((self.num_question_types, self.d_model)).astype(np.float32)
+        in_dim = self.num_question_types + 32 + len(s.positions)
+        self.state_map = (rng.standard_normal((in_dim, self.d_model)) / math.sqrt(in_dim)).astype(np.float32)
+
+    @staticmethod
+    def _tokens(max_crops: int) -> int:
+        # Largest r x c <= max_crops with c = r or r + 1 (landscape); tokens = 160 + (8r+4)(8c+5).
+        best = (1, 1)
+        for r in range(1, max_crops + 1):
+            for c in (r + 1, r):
+                if r * c <= max_crops and r * c > best[0] * best[1]:
+                    best = (r, c)
+        r, c = best
+        return 160 + (8 * r + 4) * (8 * c + 5)
+
+    # ------------------------------------------------------------------------------------------
+    def tier_tokens(self, small_image: bool) -> list[int]:
+        """Vision tokens each tier gives. A small image tiles no further than the second tier, so the
+        tiers above it collapse onto it (as a 640x480 image gives 2x3 crops at max_crops 6 and 12)."""
+        if not small_image or len(self.full_tokens) < 3:
+            return list(self.full_tokens)
+        return [min(t, self.full_tokens[1]) for t in self.full_tokens]
+
+    def effective_tier(self, tier_idx: int, tokens: list[int]) -> int:
+        """Index of the full-size tier whose token count this choice actually produces."""
+        return self.full_tokens.index(tokens[tier_idx]) if tokens[tier_idx] in self.full_tokens else tier_idx
+
+    def accuracy(self, q: int, eff_tier: int, k_idx: int, nb_idx: int) -> float:
+        lv = (self.tier_level[eff_tier], self.top_k_level[k_idx], self.nb_level[nb_idx])
+        acc = self.peaks[q]
+        for j in range(3):
+            acc *= self.floors[q, j] + (1.0 - self.floors[q, j]) * lv[j] ** 1.5
+        return float(acc)
+
+    def segments_ms(self, q: int, eff_tier: int, p: int, k_idx: int, nb_idx: int) -> dict[str, float]:
+        """Noise-free latency segments (ms) of one request."""
+        s = self.space
+        tokens = self.full_tokens[eff_tier]
+        crops = 1 + s.tier_max_crops[eff_tier]
+        moe = lambda k: 0.55 + 0.45 * k / s.native_top_k   # noqa: E731 - expert cost per block
+        block_prefill = 9.0 * tokens / 1200.0
+        nb = s.num_blocks[nb_idx]
+        k = s.top_ks[k_idx]
+        return {
+            "preprocess_ms": 6.0 + 0.8 * crops,
+            "stage1_ms": 0.1,
+            "vision_ms": 6.5 * crops,
+            "prefix_ms": p * block_prefill * moe(s.native_top_k),
+            "stage2_ms": 0.1,
+            "prefill_rest_ms": (nb - p) * block_prefill * moe(k),
+            "decode_ms": self.answer_tokens[q] * (2.0 + nb * 0.9 * moe(k)),
+            "postprocess_ms": 0.2,
+        }
+
+    def mean_latency_ms(self, q: int, eff_tier: int, p: int, k_idx: int, nb_idx: int) -> float:
+        return float(sum(self.segments_ms(q, eff_tier, p, k_idx, nb_idx).values()))
+
+    def latency_state(self, q: int, budget_norm: float, p_idx: int) -> np.ndarray:
+        x = np.zeros(self.state_map.shape[0], dtype=np.float32)
+        x[q] = 1.0
+        x[self.num_question_types:self.num_question_types + 32] = \
+            sinusoidal_code(torch.tensor([budget_norm]), 32, max_freq=16.0)[0].numpy()
+        x[self.num_question_types + 32 + p_idx] = 1.0
+        return np.tanh(x @ self.state_map) * 3.0
+
+    # ------------------------------------------------------------------------------------------
+    def expected_reward(self, q: int, tokens: list[int], budget_ms: float, idx: tuple[int, int, int, int],
+                        reward_fn: Callable[[RewardInputs], float]) -> float:
+        """E[reward] of option indices (tier, p, top_k, nb) over the latency noise (exact quadrature)."""
+        t, p_idx, k_idx, nb_idx = idx
+        eff = self.effective_tier(t, tokens)
+        p = self.space.positions[p_idx]
+        mean = self.mean_latency_ms(q, eff, p, k_idx, nb_idx)
+        acc = self.accuracy(q, eff, k_idx, nb_idx)
+        total = 0.0
+        for z, w in zip(_GH_NODES, _GH_WEIGHTS):
+            lat = max(mean * (1.0 + self.latency_noise * z), 1e-3)
+            total += w * reward_fn(self._reward_inputs(acc, lat, budget_ms, eff, k_idx, nb_idx))
+        return float(total)
+
+    def _reward_inputs(self, acc, lat, budget_ms, eff, k_idx, nb_idx) -> RewardInputs:
+        s = self.space
+        return RewardInputs(accuracy=acc, latency_ms=lat, budget_ms=budget_ms,
+                            num_crops=1 + s.tier_max_crops[eff], max_crops=1 + max(s.tier_max_crops),
+                            top_k=s.top_ks[k_idx], max_top_k=max(s.top_ks), num_blocks=s.num_blocks[nb_idx],
+                            max_blocks=s.num_layers)
+
+    def feasible_options(self, tokens: list[int]) -> list[tuple[int, int, int, int]]:
+        s = self.space
+        mask = s.tier_mask(tokens)
+        return [(t, pi, ki, ni) for t in range(s.num_tiers) if mask[t] for pi, p in enumerate(s.positions)
+                for ki in range(len(s.top_ks)) for ni, ok in enumerate(s.num_blocks_feasible(p)) if ok]
+
+    def optimal(self, q: int, tokens: list[int], budget_ms: float,
+                reward_fn: Callable[[RewardInputs], float]) -> tuple[tuple[int, int, int, int], float]:
+        """The option indices with the highest expected reward, and that reward."""
+        best = max(self.feasible_options(tokens), key=lambda o: self.expected_reward(q, tokens, budget_ms, o,
+                                                                                        reward_fn))
+        return best, self.expected_reward(q, tokens, budget_ms, best, reward_fn)
+
+    def within_budget(self, q: int, tokens: list[int], budget_ms: float, idx: tuple[int, int, int, int]) -> bool:
+        t, p_idx, k_idx, nb_idx = idx
+        return self.mean_latency_ms(q, self.effective_tier(t, tokens), self.space.positions[p_idx], k_idx,
+                                    nb_idx) <= budget_ms
+
+
+def synthetic_samples(tables: SyntheticTables, num_samples: int, seed: int = 0, prefix: str = "syn") -> list[Sample]:
+    """A deterministic synthetic data set: question types round-robin, some small images."""
+    rng = np.random.default_rng(seed + 7919)
+    out = []
+    for i in range(num_samples):
+        q = i % tables.num_question_types
+        small = bool(rng.random() < tables.small_image_fraction)
+        out.append(Sample(sample_id=f"{prefix}-{i:06d}", question=f"{tables.qtypes[q]} question {i}",
+                          answers=["yes"], metric="exact", question_type=tables.qtypes[q], source="synthetic",
+                          max_new_tokens=int(tables.answer_tokens[q]),
+                          meta={"q": q, "small_image": small, "jitter_seed": int(rng.integers(1 << 31))}))
+    return out
+
+
+class SyntheticBackend(RolloutBackend):
+    """RolloutBackend over `SyntheticTables` (no model; timings are simulated, not measured)."""
+
+    def __init__(self, tables: SyntheticTables, *, seed: int = 0, importance_sha256: str = ""):
+        self.tables = tables
+        self.space = tables.space
+        self.rng = np.random.default_rng(seed)
+        self._importance_sha = importance_sha256 or hashlib.sha256(b"synthetic").hexdigest()
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(backend="synthetic", model_id=f"synthetic-bandit-q{self.tables.num_question_types}"
+                           f"-seed{self.tables.seed}", engine="tables", device="simulated",
+                           d_model=self.tables.d_model, token_rms=1.0, importance_sha256=self._importance_sha)
+
+    def stage1_features(self, sample: Sample, budget_ms: float) -> Stage1Features:
+        tb = self.tables
+        q = sample.meta["q"]
+        jitter = np.random.default_rng(sample.meta["jitter_seed"]).standard_normal(tb.d_model).astype(np.float32)
+        tokens = tb.tier_tokens(sample.meta["small_image"])
+        return Stage1Features(lang_feat=tb.prompt_embed[q] + 0.1 * jitter, budget_ms=float(budget_ms),
+                              tier_tokens=tokens, tier_mask=self.space.tier_mask(tokens),
+                              p_mask=[True] * len(self.space.positions))
+
+    def run(self, sample: Sample, budget_ms: float, controller: TwoStageController, *, greedy: bool = False,
+            generator: Optional[torch.Generator] = None, fixed: Optional[KnobChoice] = None) -> RolloutOutcome:
+        tb, s = self.tables, self.space
+        t_start = time.time()
+        q = sample.meta["q"]
+        f1 = self.stage1_features(sample, budget_ms)
+        if fixed is None:
+            d_tier, d_p = controller.act_stage1(f1, greedy=greedy, generator=generator)
+        else:
+            ti, pi, _, _ = s.index_of(fixed)
+            d_tier, d_p = HeadDecision(ti, 0.0), HeadDecision(pi, 0.0)
+        p = s.positions[d_p.index]
+        eff = tb.effective_tier(d_tier.index, f1.tier_tokens)
+        noise = 1.0 + tb.latency_noise * float(self.rng.standard_normal())
+        # Segments up to the Stage2 decision (k, nb don't matter yet: use index 0 for the prefix cost).
+        seg = tb.segments_ms(q, eff, p, 0, len(s.num_blocks) - 1)
+        spent = (seg["preprocess_ms"] + seg["stage1_ms"] + seg["vision_ms"] + seg["prefix_ms"]) * noise
+        f2 = Stage2Features(latency_state=tb.latency_state(q, float(controller.normalise_budget(
+            torch.tensor([budget_ms]))[0]), d_p.index), p_idx=d_p.index, vision_tokens=f1.tier_tokens[d_tier.index],
+            spent_frac=spent / budget_ms, nb_mask=s.num_blocks_feasible(p))
+        if fixed is None:
+            d_k, d_nb = controller.act_stage2(budget_ms, f2, greedy=greedy, generator=generator)
+        else:
+            _, _, ki, ni = s.index_of(fixed)
+            d_k, d_nb = HeadDecision(ki, 0.0), HeadDecision(ni, 0.0)
+        seg = {k: v * noise for k, v in tb.segments_ms(q, eff, p, d_k.index, d_nb.index).items()}
+        acc = tb.accuracy(q, eff, d_k.index, d_nb.index)
+        answer = "yes" if self.rng.random() < acc else "no"
+        n_ans = int(tb.answer_tokens[q])
+        return RolloutOutcome(stage1=f1, stage2=f2, tier=d_tier, p=d_p, top_k=d_k, num_blocks=d_nb,
+                              knobs=s.choice(d_tier.index, d_p.index, d_k.index, d_nb.index),
+                              num_crops=1 + s.tier_max_crops[eff], vision_tokens=f1.tier_tokens[d_tier.index],
+                              prompt_tokens=f1.tier_tokens[d_tier.index] + 12, answer_tokens=n_ans,
+                              segments_ms=seg, latency_ms=float(sum(seg.values())), answer=answer,
+                              t_start=t_start, t_end=time.time())
