@@ -268,3 +268,59 @@ class SyntheticBackend(RolloutBackend):
                               prompt_tokens=f1.tier_tokens[d_tier.index] + 12, answer_tokens=n_ans,
                               segments_ms=seg, latency_ms=float(sum(seg.values())), answer=answer,
                               t_start=t_start, t_end=time.time())
+
+
+@dataclass
+class BanditReport:
+    """Greedy controller vs the exact optimum on an evaluation grid."""
+
+    policy_reward: float          # mean expected reward of the greedy choices
+    optimal_reward: float         # mean expected reward of the per-point optimum
+    best_static_reward: float     # mean expected reward of the best single static configuration
+    feasible_pick_rate: float     # share of points with a feasible option where the pick is feasible
+
+    @property
+    def ratio(self) -> float:
+        return self.policy_reward / self.optimal_reward
+
+
+def evaluate_bandit(backend: SyntheticBackend, controller: TwoStageController, samples: list[Sample],
+                    budgets: list[float], reward_fn: Callable[[RewardInputs], float]) -> BanditReport:
+    """Expected reward of the greedy controller on every (sample, budget) point, against the optimum.
+
+    The noise of the run (latency, answers) does not enter: choices are scored by exact expectations.
+    """
+    tb = backend.tables
+    policy, optimal, picks_ok, picks_n = [], [], 0, 0
+    static_options = tb.feasible_options(tb.full_tokens)
+    static_sum = np.zeros(len(static_options))
+    cache: dict = {}
+    for sample in samples:
+        q = sample.meta["q"]
+        tokens = tb.tier_tokens(sample.meta["small_image"])
+        for b in budgets:
+            out = backend.run(sample, b, controller, greedy=True)
+            idx = (out.tier.index, out.p.index, out.top_k.index, out.num_blocks.index)
+            policy.append(tb.expected_reward(q, tokens, b, idx, reward_fn))
+            key = (q, tuple(tokens), b)
+            if key not in cache:
+                opts = tb.feasible_options(tokens)
+                cache[key] = (tb.optimal(q, tokens, b, reward_fn)[1],
+                              any(tb.within_budget(q, tokens, b, o) for o in opts),
+                              np.array([tb.expected_reward(q, tokens, b, _collapse(o, tokens, backend.space),
+                                                           reward_fn) for o in static_options]))
+            opt, any_feasible, static = cache[key]
+            optimal.append(opt)
+            static_sum += static
+            if any_feasible:
+                picks_n += 1
+                picks_ok += tb.within_budget(q, tokens, b, idx)
+    n = len(policy)
+    return BanditReport(float(np.mean(policy)), float(np.mean(optimal)), float(static_sum.max() / n),
+                        picks_ok / max(picks_n, 1))
+
+
+def _collapse(option: tuple[int, int, int, int], tokens: list[int], space: KnobSpace) -> tuple[int, int, int, int]:
+    """A static tier that is masked for this image runs as the cheapest tier with the same tokens."""
+    t = option[0]
+    return (tokens.index(tokens[t]),) + option[1:]

@@ -235,6 +235,11 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
             raise ConfigError(f"{src}: '{key}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{src}: '{key}' must be a number, got {value!r}")
         if not math.isfinite(float(value)):

@@ -48,7 +48,7 @@ def check_budget_ms(budget_ms: float) -> float:
     return value
 
 
-def sinusoidal_code(budget_norm: torch.Tensor, dim: int = 256, max_freq: float = 256.0) -> torch.Tensor:
+def sinusoidal_code(budget_norm: torch.Tensor, dim: int = 256, max_freq: float = 32.0) -> torch.Tensor:
     """Fixed sinusoidal code of a normalised budget.
 
     Angular frequencies are geometric from pi to pi * max_freq, so the lowest pair is monotone over
@@ -307,7 +307,7 @@ class TwoStageController(nn.Module):
                                        torch.tensor([f.nb_mask]))
         return self._pick(lk[0], greedy, generator), self._pick(ln[0], greedy, generator)
 
-    def log_prob(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    def log_prob(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict, dict]:
         """Recompute log-probs of recorded choices from recorded features (the learner's path).
 
         Args:
@@ -316,19 +316,18 @@ class TwoStageController(nn.Module):
                 spent_frac [N], nb_mask [N, Nb] bool, and the choices tier_idx, p_idx, top_k_idx,
                 nb_idx [N] long.
         Returns:
-            (logp [N] summed over the four heads, {head: logp [N]}, entropy [N] summed over heads).
+            (logp [N] summed over the four heads, {head: logp [N]}, {head: entropy [N]}).
         """
         emb = self.budget_embedding(batch["budget_ms"])
         lt, lp = self.stage1_log_probs(batch["lang_feat"], emb, batch["tier_tokens"], batch["tier_mask"],
                                        batch["p_mask"])
         lk, ln = self.stage2_log_probs(batch["latency_state"], emb, batch["p_idx"], batch["vision_tokens"],
                                        batch["spent_frac"], batch["nb_mask"])
-        per_head = {}
-        entropy = torch.zeros(lt.shape[0])
+        per_head, entropy = {}, {}
         for name, logp, key in (("tier", lt, "tier_idx"), ("p", lp, "p_idx"), ("top_k", lk, "top_k_idx"),
                                 ("num_blocks", ln, "nb_idx")):
             per_head[name] = logp.gather(-1, batch[key].long()[:, None])[:, 0]
-            entropy = entropy + _entropy(logp)
+            entropy[name] = _entropy(logp)
         total = per_head["tier"] + per_head["p"] + per_head["top_k"] + per_head["num_blocks"]
         return total, per_head, entropy
 
