@@ -10,7 +10,6 @@ worker recorded (`behavior_logp`); the new log-prob is recomputed from recorded 
 from __future__ import annotations
 
 import copy
-import math
 import random
 from typing import Any, Sequence
 
@@ -60,12 +59,15 @@ class GRPOTrainer:
             "latency_ms_mean": float(np.mean([r["latency_ms"] for r in rows])),
             **{f"adv_{k}": v for k, v in grpo.advantage_stats(advantages).items()},
         }
+        with torch.no_grad():   # importance ratio against the behaviour policy before this update moves
+            logp_now = self.controller.log_prob(collate_features(rows))[0]
+        ratio = torch.exp(logp_now - torch.tensor([r["behavior_logp"] for r in rows], dtype=torch.float32))
+        for r, v in zip(rows, ratio.tolist()):
+            r["ratio_first"] = v
+        stats["ratio_first_max_abs_dev"] = float((ratio - 1).abs().max())
         idx = torch.nonzero(keep).flatten()
         if idx.numel() > 0:
             stats.update(self._optimise([rows[i] for i in idx.tolist()], advantages[idx].to(torch.float32)))
-        for r in rows:
-            if not math.isfinite(r.get("ratio_first", math.nan)):
-                r["ratio_first"] = 1.0 if r.get("ratio_first") is None else r["ratio_first"]
         self.step += 1
         self.policy_version += 1
         stats["step"] = float(self.step)
@@ -83,19 +85,11 @@ class GRPOTrainer:
         n = len(rows)
         num_mb = min(cfg.minibatches, n)
         acc: dict[str, list[float]] = {}
-        seen_first = torch.zeros(n, dtype=torch.bool)
-        ratio_first = torch.full((n,), float("nan"))
         self.controller.train()
         for _epoch in range(cfg.epochs):
             for mb in grpo.minibatch_indices(n, num_mb, self.generator):
                 sub = {k: v[mb] for k, v in batch.items()}
                 logp_new, _per_head, ent = self.controller.log_prob(sub)
-                fresh = mb[~seen_first[mb]]
-                if fresh.numel():
-                    pos = {int(j): i for i, j in enumerate(mb.tolist())}
-                    sel = torch.tensor([pos[int(j)] for j in fresh])
-                    ratio_first[fresh] = torch.exp(logp_new.detach()[sel] - logp_old[fresh])
-                    seen_first[fresh] = True
                 entropy = sum(ent.values())
                 loss, st = grpo.grpo_loss(logp_new, logp_old[mb], advantages[mb], clip_low=cfg.clip_low,
                                           clip_high=cfg.clip_high, kl_coef=cfg.kl_coef,
@@ -112,11 +106,7 @@ class GRPOTrainer:
                 for k, v in st.items():
                     acc.setdefault(k, []).append(float(v))
         self.controller.eval()
-        for r, v in zip(rows, ratio_first.tolist()):
-            r["ratio_first"] = v
-        out = {k: float(np.mean(v)) for k, v in acc.items()}
-        out["ratio_first_max_abs_dev"] = float((ratio_first - 1).abs().max())
-        return out
+        return {k: float(np.mean(v)) for k, v in acc.items()}
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,144 @@
+"""RolloutWorker: a plain class (jobs/actors.py makes it a Ray actor with one GPU, or none on CPU).
+
+It loads its backend once, warms up, then loops: ask the learner for a task; pull newer controller
+weights if published; for a train task draw a budget and run the group's G rollouts one at a time
+under the current weights, then send the group's records; for a validation task run one greedy
+rollout under the weights the task names. It never imports Ray: the learner is reached through a
+client object (the Ray client calls `ray.get` with timeouts; tests pass the plain Learner).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional, Protocol
+
+import torch
+
+from rollout_workers.backends import make_backend
+from shared.backend import SampleError, run_group, rollout_inputs, score_outcome
+from shared.budgets import BudgetSampler
+from shared.controller import TwoStageController
+from shared.datasets import load_samples
+from shared.metrics import MetricsSink
+from shared.rewards import reward_fn_from_config
+
+log = logging.getLogger(__name__)
+
+
+class LearnerClient(Protocol):
+    def register_worker(self, worker_id: int) -> dict: ...
+    def next_task(self, worker_id: int) -> dict: ...
+    def pull_weights(self, known_version: int) -> Optional[tuple[int, dict]]: ...
+    def resolve(self, ref: Any) -> dict: ...
+    def submit_group(self, worker_id: int, sample_id: str, rows: list, failures: list) -> dict: ...
+    def submit_validation(self, worker_id: int, round_id: int, sample_id: str, budget_ms: float,
+                          result: Optional[dict]) -> None: ...
+
+
+class DirectClient:
+    """LearnerClient over an in-process Learner (tests, local mode)."""
+
+    def __init__(self, learner):
+        self.learner = learner
+
+    def register_worker(self, worker_id):
+        return self.learner.register_worker(worker_id)
+
+    def next_task(self, worker_id):
+        return self.learner.next_task(worker_id)
+
+    def pull_weights(self, known_version):
+        return self.learner.weights(known_version)
+
+    def resolve(self, ref):
+        return ref
+
+    def submit_group(self, worker_id, sample_id, rows, failures):
+        return self.learner.submit_group(worker_id, sample_id, rows, failures)
+
+    def submit_validation(self, worker_id, round_id, sample_id, budget_ms, result):
+        return self.learner.submit_validation(worker_id, round_id, sample_id, budget_ms, result)
+
+
+class RolloutWorker:
+    def __init__(self, cfg, worker_id: int, metrics: Optional[MetricsSink] = None):
+        self.cfg = cfg
+        self.worker_id = worker_id
+        self.metrics = metrics or MetricsSink()
+        torch.set_num_threads(cfg.system.torch_threads)
+        self.backend = make_backend(cfg, worker_id)
+        info = self.backend.info()
+        self.controller = TwoStageController.from_config(cfg, self.backend.space, token_rms=info.token_rms)
+        self.val_controller = TwoStageController.from_config(cfg, self.backend.space, token_rms=info.token_rms)
+        self.samples = {s.sample_id: s for split in ("train", "val") for s in load_samples(cfg, split)}
+        self.budgets = BudgetSampler(cfg.budget, seed=cfg.system.seed * 7919 + worker_id + 1)
+        self.generator = torch.Generator().manual_seed(cfg.system.seed * 104729 + worker_id)
+        self.reward_fn = reward_fn_from_config(cfg.reward)
+        self.version = -1
+        self.groups_done = 0
+        self.backend.warmup(cfg.system.warmup_rollouts, self.controller)
+
+    def info(self) -> dict:
+        return vars(self.backend.info())
+
+    def sample_ids(self) -> tuple[list[str], list[str]]:
+        train = [s.sample_id for s in load_samples(self.cfg, "train")]
+        val = [s.sample_id for s in load_samples(self.cfg, "val")]
+        return train, val
+
+    def _sync_weights(self, client: LearnerClient) -> None:
+        got = client.pull_weights(self.version)
+        if got is not None:
+            version, ref = got
+            self.controller.set_weights(client.resolve(ref))
+            self.version = version
+
+    def run_loop(self, client: LearnerClient, max_groups: Optional[int] = None, idle_sleep_s: float = 0.02) -> dict:
+        """Serve tasks until the learner says stop (or `max_groups` train groups are done)."""
+        client.register_worker(self.worker_id)
+        self._sync_weights(client)
+        tags = {"worker": str(self.worker_id)}
+        while max_groups is None or self.groups_done < max_groups:
+            task = client.next_task(self.worker_id)
+            kind = task["kind"]
+            if kind == "stop":
+                break
+            if kind == "wait":
+                time.sleep(idle_sleep_s)
+                continue
+            if kind == "val":
+                client.submit_validation(self.worker_id, task["round"], task["sample_id"], task["budget_ms"],
+                                         self._validate(client, task))
+                continue
+            self._sync_weights(client)
+            sample = self.samples[task["sample_id"]]
+            budget = self.budgets.draw()
+            res = run_group(self.backend, sample, budget, self.controller, self.reward_fn,
+                            group_size=self.cfg.grpo.group_size, group_id=f"{sample.sample_id}@{budget:.3f}",
+                            worker_id=self.worker_id, policy_version=self.version, generator=self.generator)
+            rows = [r.to_row() for r in res.records]
+            self.metrics.inc("budgetctl_groups", 1, tags)
+            self.metrics.inc("budgetctl_rollouts", len(rows), tags)
+            if res.failures:
+                self.metrics.inc("budgetctl_failed_rollouts", len(res.failures), tags)
+            for r in rows:
+                self.metrics.observe("budgetctl_rollout_latency_ms", r["latency_ms"], tags)
+                if not r["within_budget"]:
+                    self.metrics.inc("budgetctl_budget_violations", 1, tags)
+            client.submit_group(self.worker_id, sample.sample_id, rows, res.failures)
+            self.groups_done += 1
+        return {"worker_id": self.worker_id, "groups": self.groups_done, "policy_version": self.version}
+
+    def _validate(self, client: LearnerClient, task: dict) -> Optional[dict]:
+        """One greedy rollout under the weights the validation round names; None if it fails."""
+        self.val_controller.set_weights(client.resolve(task["weights"]))
+        sample = self.samples[task["sample_id"]]
+        try:
+            out = self.backend.run(sample, task["budget_ms"], self.val_controller, greedy=True)
+            acc = score_outcome(out, sample)
+            reward = self.reward_fn(rollout_inputs(out, acc, self.backend.space))
+        except (SampleError, ValueError, RuntimeError) as exc:
+            log.warning("validation rollout failed on %s: %s", task["sample_id"], exc)
+            return None
+        return {"reward": reward, "accuracy": acc, "within_budget": out.latency_ms <= task["budget_ms"],
+                "latency_ms": out.latency_ms}
