@@ -96,8 +96,9 @@ class MolmoeConfig:
         problems = []
         if self.d_model % self.n_heads:
             problems.append(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            problems.append(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.n_kv_heads != self.n_heads:
+            # The official qk-norm normalises the full d_model-wide k, so Molmo has no GQA variant.
+            problems.append(f"n_kv_heads {self.n_kv_heads} != n_heads {self.n_heads} (MolmoE uses plain multi-head attention)")
         if not 1 <= self.top_k <= self.num_experts:
             problems.append(f"top_k {self.top_k} must be in 1..num_experts ({self.num_experts})")
         if self.embedding_size < self.vocab_size:
