@@ -1,0 +1,247 @@
+"""One request as a rollout worker serves it (DESIGN.md sections 2-4), on the eager engine.
+
+    bytes + question + budget
+      -> preprocess (decode, size probe, tokenise, language feature)         [preprocess_ms]
+      -> Stage1: tier, p (tiers that would change nothing are masked)        [stage1_ms]
+      -> crops at the chosen tier                                            [preprocess_ms]
+      -> vision encoder + connector, input embeddings                        [vision_ms]
+      -> [BOS, image, text, BUDGET TOKEN] through blocks 0..p-1, native top_k [prefix_ms]
+      -> Stage2 on the latency token, budget, p, token count, spent fraction [stage2_ms]
+      -> the selected blocks p.. at the chosen top_k                         [prefill_rest_ms]
+      -> greedy decode with the same knobs, KV cache                          [decode_ms]
+      -> detokenise                                                          [postprocess_ms]
+
+The frozen model's answer is not perturbed by the budget token: causal attention means no earlier
+position sees it; the first answer token is read from the position before it; its KV entries are
+dropped before decoding and positions continue as if it were absent. So with fixed knobs, the
+budget-token path and the plain path give the same logits at every generated step (tested).
+
+Without a controller (`controller=None`, fixed knobs) the plain path runs: no budget token, one
+prefill over the selected blocks, no mid-prefill synchronisation. It is the "B" side of the
+controller-overhead A/B and what static baselines use.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from shared.backend import SampleError
+from shared.controller import HeadDecision, Stage1Features, Stage2Features, TwoStageController, check_budget_ms
+from shared.knobs import ImportanceScores, KnobChoice, KnobSpace, select_blocks
+from rollout_workers.timers import SegmentTimer
+
+SEGMENT_ORDER = ("preprocess_ms", "stage1_ms", "vision_ms", "prefix_ms", "stage2_ms", "prefill_rest_ms",
+                 "decode_ms", "postprocess_ms")
+
+
+@dataclass
+class RequestResult:
+    answer: str
+    answer_ids: list[int]
+    knobs: KnobChoice
+    block_ids: list[int]
+    tier: HeadDecision
+    p: HeadDecision
+    top_k: HeadDecision
+    num_blocks: HeadDecision
+    stage1: Stage1Features
+    stage2: Stage2Features
+    num_crops: int
+    vision_tokens: int
+    prompt_tokens: int
+    segments_ms: dict[str, float]
+    latency_ms: float
+    host_latency_ms: float
+    t_start: float
+    t_end: float
+    step_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+class RequestEngine:
+    """Serves single requests of a loaded MolmoE model (batch size 1).
+
+    Args:
+        model: a `MolmoeModel` (eval mode, on its device).
+        preprocessor: its `MolmoPreprocessor` (holds the tokenizer).
+        space: the knob space; must match the model's shape.
+        importance: per-block importance scores for block selection.
+    """
+
+    def __init__(self, model, preprocessor, space: KnobSpace, importance: ImportanceScores):
+        cfg = model.config
+        if (space.num_layers, space.num_experts, space.native_top_k) != (cfg.n_layers, cfg.num_experts, cfg.top_k):
+            raise ValueError(f"knob space is for {space.num_layers} blocks x {space.num_experts} experts (native top_k "
+                             f"{space.native_top_k}), the model has {cfg.n_layers} x {cfg.num_experts} "
+                             f"(top_k {cfg.top_k}): set model.num_layers/num_experts/native_top_k to match")
+        if importance.num_layers != cfg.n_layers:
+            raise ValueError(f"importance scores cover {importance.num_layers} blocks, the model has {cfg.n_layers}")
+        self.model = model.eval()
+        self.pre = preprocessor
+        self.tok = preprocessor.tokenizer
+        self.space = space
+        self.importance = importance
+        self.device = model.device
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def language_feature(self, question: str) -> np.ndarray:
+        """Mean word embedding of the question text (frozen LLM table): [d_model] float32."""
+        ids = self.tok.encode(question)
+        if not ids:
+            raise SampleError("the question tokenises to nothing")
+        emb = self.model.embed_tokens(torch.tensor(ids, device=self.device))
+        return emb[0].float().mean(0).cpu().numpy()
+
+    @torch.no_grad()
+    def token_rms(self) -> float:
+        """RMS of the frozen word embeddings (the budget token's scale)."""
+        w = self.model.llm.model.embed_tokens.weight
+        return float(w.float().pow(2).mean().sqrt())
+
+    def _decode_image(self, image_bytes: Optional[bytes]):
+        if image_bytes is None:
+            return None
+        try:
+            return self.pre.load_image(image_bytes)
+        except ValueError as exc:       # ImageDecodeError and friends: bad input, skipped and counted
+            raise SampleError(f"bad image: {exc}") from exc
+
+    @torch.no_grad()
+    def serve(self, image_bytes: Optional[bytes], question: str, budget_ms: float,
+              controller: Optional[TwoStageController] = None, *, fixed: Optional[KnobChoice] = None,
+              greedy: bool = False, generator: Optional[torch.Generator] = None, max_new_tokens: int = 16,
+              return_logits: bool = False) -> RequestResult:
+        """Answer one request. With a controller the budget-token path runs (its decisions, or `fixed`
+        decisions if given); without one, `fixed` knobs run on the plain path."""
+        if controller is None and fixed is None:
+            raise ValueError("serve() needs a controller or fixed knobs")
+        budget_ms = check_budget_ms(budget_ms)
+        if not isinstance(question, str) or not question.strip():
+            raise SampleError("empty question")
+        space, model = self.space, self.model
+        t_start = time.time()
+        host0 = time.perf_counter()
+        timer = SegmentTimer(self.device)
+
+        # -- preprocess (part 1): decode, probe size, tokenise, language feature ----------------
+        rgb = self._decode_image(image_bytes)
+        if rgb is not None:
+            h_px, w_px = rgb.shape[:2]
+            counts = self.pre.tier_token_counts(w_px, h_px, space.tier_max_crops)
+            tier_tokens = [int(c[1]) for c in counts]
+        else:
+            tier_tokens = [0] * space.num_tiers
+        lang_feat = self.language_feature(question)
+        f1 = Stage1Features(lang_feat=lang_feat, budget_ms=budget_ms, tier_tokens=tier_tokens,
+                            tier_mask=space.tier_mask(tier_tokens), p_mask=[True] * len(space.positions))
+        timer.mark("preprocess_ms")
+
+        # -- Stage1 -----------------------------------------------------------------------------
+        if fixed is not None:
+            ti, pi, ki, ni = space.index_of(fixed)
+            if not f1.tier_mask[ti]:        # a collapsed tier runs as the cheapest equal tier
+                ti = tier_tokens.index(tier_tokens[ti])
+            d_tier, d_p = HeadDecision(ti, 0.0), HeadDecision(pi, 0.0)
+        else:
+            d_tier, d_p = controller.act_stage1(f1, greedy=greedy, generator=generator)
+        p = space.positions[d_p.index]
+        max_crops = space.tier_max_crops[d_tier.index]
+        timer.mark("stage1_ms")
+
+        # -- preprocess (part 2): crops at the chosen tier ----------------------------------------
+        inputs = self.pre.preprocess(question, rgb, max_crops=max_crops).to(self.device)
+        if inputs.num_tokens > model.config.max_sequence_length:
+            raise SampleError(f"prompt of {inputs.num_tokens} tokens exceeds the model's context of "
+                              f"{model.config.max_sequence_length}")
+        timer.mark("preprocess_ms")
+
+        # -- vision ---------------------------------------------------------------------------
+        feats = None
+        if inputs.images is not None:
+            feats = model.encode_images(inputs.images, inputs.image_masks)
+        x = model.embed(inputs.input_ids, image_features=feats, image_input_idx=inputs.image_input_idx)
+        T = x.shape[1]
+        timer.mark("vision_ms")
+
+        step_logits: list[torch.Tensor] = []
+        if controller is not None:
+            # -- prefix: blocks 0..p-1 at native top_k, budget token appended as the last position
+            tok = controller.budget_token_embedding(budget_ms).to(device=self.device, dtype=x.dtype)
+            x = torch.cat([x, tok[None, None, :]], dim=1)
+            positions = torch.arange(T + 1, device=self.device)[None]
+            cache = model.new_cache(list(range(p)))
+            h = model.run_blocks(x, list(range(p)), position_ids=positions, cache=cache)
+            timer.mark("prefix_ms")
+            # -- Stage2 (host sync: the decision needs the latency token and the elapsed time)
+            latency_state = h[0, -1].float().cpu().numpy()
+            spent_frac = timer.elapsed_ms() / budget_ms
+            f2 = Stage2Features(latency_state=latency_state, p_idx=d_p.index, vision_tokens=tier_tokens[d_tier.index],
+                                spent_frac=float(spent_frac), nb_mask=space.num_blocks_feasible(p))
+            if fixed is not None:
+                d_k, d_nb = HeadDecision(ki, 0.0), HeadDecision(ni, 0.0)
+            else:
+                d_k, d_nb = controller.act_stage2(budget_ms, f2, greedy=greedy, generator=generator)
+            top_k = space.top_ks[d_k.index]
+            nb = space.num_blocks[d_nb.index]
+            block_ids = select_blocks(p, nb, self.importance.scores)
+            timer.mark("stage2_ms")
+            # -- rest of the prefill; first answer token from the position BEFORE the budget token
+            h = model.run_blocks(h, block_ids[p:], position_ids=positions, cache=cache, top_k=top_k)
+            logits = model.head(h[:, T - 1:T])
+            _drop_last_position(cache, block_ids, T)
+            timer.mark("prefill_rest_ms")
+        else:
+            ti, pi, ki, ni = space.index_of(fixed)
+            top_k = space.top_ks[ki]
+            nb = space.num_blocks[ni]
+            block_ids = select_blocks(p, nb, self.importance.scores)
+            f2 = Stage2Features(latency_state=np.zeros(model.config.d_model, dtype=np.float32), p_idx=pi,
+                                vision_tokens=tier_tokens[d_tier.index], spent_frac=0.0,
+                                nb_mask=space.num_blocks_feasible(p))
+            d_k, d_nb = HeadDecision(ki, 0.0), HeadDecision(ni, 0.0)
+            cache = model.new_cache(block_ids)
+            h = model.run_blocks(x, block_ids, cache=cache, top_k={b: top_k for b in block_ids if b >= p})
+            logits = model.head(h[:, -1:])
+            timer.mark("prefill_rest_ms")
+
+        # -- decode: same knobs; prefix blocks at native top_k ------------------------------------
+        k_map = {b: top_k for b in block_ids if b >= p}
+        eos = model.config.eos_token_id
+        out_ids: list[int] = []
+        for step in range(max_new_tokens):
+            if return_logits:
+                step_logits.append(logits[0, -1].float().cpu())
+            next_id = int(logits[0, -1].argmax())          # host sync: end-of-sequence check
+            out_ids.append(next_id)
+            if next_id == eos or step == max_new_tokens - 1:
+                break
+            emb = model.embed_tokens(torch.tensor([next_id], device=self.device))
+            pos = torch.tensor([[T + step]], device=self.device)
+            h = model.run_blocks(emb, block_ids, position_ids=pos, cache=cache, top_k=k_map)
+            logits = model.head(h)
+        timer.mark("decode_ms")
+
+        # -- postprocess ---------------------------------------------------------------------
+        answer = self.tok.decode([i for i in out_ids if i != eos])
+        timer.mark("postprocess_ms")
+        segments = timer.finish()
+        for name in SEGMENT_ORDER:
+            segments.setdefault(name, 0.0)
+        knobs = space.choice(d_tier.index, d_p.index, d_k.index, d_nb.index)
+        return RequestResult(answer=answer, answer_ids=out_ids, knobs=knobs, block_ids=list(block_ids), tier=d_tier,
+                             p=d_p, top_k=d_k, num_blocks=d_nb, stage1=f1, stage2=f2, num_crops=inputs.num_crops,
+                             vision_tokens=inputs.num_image_tokens, prompt_tokens=T, segments_ms=segments,
+                             latency_ms=timer.total_ms(), host_latency_ms=(time.perf_counter() - host0) * 1e3,
+                             t_start=t_start, t_end=time.time(), step_logits=step_logits)
+
+
+def _drop_last_position(cache, block_ids: Sequence[int], length: int) -> None:
+    """Remove the budget token's keys/values (the last position) from every executed block's cache."""
+    for b in block_ids:
+        layer = cache.layers[b]
+        layer.keys = layer.keys[..., :length, :]
+        layer.values = layer.values[..., :length, :]
