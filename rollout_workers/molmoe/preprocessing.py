@@ -104,6 +104,9 @@ def _open_header(data: bytes | bytearray | memoryview, limits: DecodeLimits) -> 
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(io.BytesIO(bytes(data)))
         except UnidentifiedImageError as e:
+            fmt = _sniff_format(bytes(data[:16]))
+            if fmt:
+                raise ImageDecodeError(f"corrupt {fmt} image: the header cannot be read ({len(data)} bytes)") from e
             raise ImageDecodeError(f"not a recognised image format ({len(data)} bytes)") from e
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageDecodeError(f"corrupt image header: {e}") from e
@@ -118,6 +121,25 @@ def _open_header(data: bytes | bytearray | memoryview, limits: DecodeLimits) -> 
             f"{limits.max_source_pixels}"
         )
     return img
+
+
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _sniff_format(head: bytes) -> str | None:
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
+            return name
+    return None
 
 
 def _exif_orientation(img: Image.Image) -> int:
