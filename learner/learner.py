@@ -151,9 +151,9 @@ class Learner:
         """A worker's finished group. Empty `rows` means the group was dropped (failed rollouts)."""
         self.last_group_at = self.clock()
         self.inflight.setdefault(worker_id, set()).discard(sample_id)
+        # The worker already emitted budgetctl_failed_rollouts for these (like rollouts and groups);
+        # emitting it here too would double the exported count.
         self.counters["failed_rollouts"] += len(failures)
-        if failures:
-            self.metrics.inc("budgetctl_failed_rollouts", len(failures), {"worker": str(worker_id)})
         if not rows:
             self.counters["dropped_failed"] += 1
             self.counters["bad_samples"] += 1

@@ -127,7 +127,9 @@ def test_lag_drop_is_counted_and_the_sample_re_dispensed(tmp_path):
 
 def test_failed_group_is_a_bad_sample_never_zero_reward_rows(tmp_path):
     cfg = make_cfg(tmp_path, "system.total_updates=3", "system.validate_every=0")
-    learner, (w,) = make_pair(cfg)
+    sink = RecordingSink()                                       # one sink for both: no double counting
+    learner, (w,) = make_pair(cfg, metrics=sink)
+    w.metrics = sink
     bad = learner.dispenser.order[1]                             # the second sample handed out
     flaky = learner.dispenser.order[2]
     real_run = w.backend.run
@@ -147,6 +149,8 @@ def test_failed_group_is_a_bad_sample_never_zero_reward_rows(tmp_path):
     assert c["bad_samples"] == 1 and c["dropped_failed"] == 1
     assert c["failed_rollouts"] == 2                             # the bad sample's one + the flaky one
     assert calls[bad] == 1                                       # a SampleError stops the group at once
+    assert sink.counters["budgetctl_failed_rollouts"] == 2
+    assert sink.counters["budgetctl_dropped_groups"] == 1
     lines = [json.loads(ln) for ln in (tmp_path / "bad_samples.jsonl").read_text().splitlines()]
     assert [ln["sample_id"] for ln in lines] == [bad] and "corrupt image" in lines[0]["errors"][0]
     rows = read_record_dir(tmp_path / "records").to_pylist()
