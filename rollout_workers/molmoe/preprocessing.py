@@ -196,7 +196,7 @@ def decode_image(
     rgb = _to_rgb_image(img)
     if rgb.size != (target_w, target_h):
         rgb = rgb.resize((target_w, target_h), Image.Resampling.BILINEAR)
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    return np.array(rgb, dtype=np.uint8)  # writable copy
 
 
 def _to_rgb_image(img: Image.Image) -> Image.Image:
@@ -259,7 +259,7 @@ def to_rgb_array(image: Any, limits: DecodeLimits = DEFAULT_DECODE_LIMITS, apply
     target = bounded_size(width, height, limits)
     if target != (width, height):
         rgb = rgb.resize(target, Image.Resampling.BILINEAR)
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    return np.array(rgb, dtype=np.uint8)  # writable copy
 
 
 # ====================================================================== crops and layout
@@ -350,7 +350,7 @@ def _resize_and_pad(
     scale = min(scale_x, scale_y)
     scaled_h = max(1, int(np.array(height, np.float32) * scale))
     scaled_w = max(1, int(np.array(width, np.float32) * scale))
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(torch.float32) / 255.0
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).to(torch.float32) / 255.0
     x = F.interpolate(x[None], size=(scaled_h, scaled_w), mode="bilinear", align_corners=False, antialias=True)[0]
     x = torch.clip(x, 0.0, 1.0).permute(1, 2, 0).numpy()
     top = (desired_h - scaled_h) // 2
