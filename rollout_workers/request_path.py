@@ -114,9 +114,10 @@ class RequestEngine:
     def serve(self, image_bytes: Optional[bytes], question: str, budget_ms: float,
               controller: Optional[TwoStageController] = None, *, fixed: Optional[KnobChoice] = None,
               greedy: bool = False, generator: Optional[torch.Generator] = None, max_new_tokens: int = 16,
-              return_logits: bool = False) -> RequestResult:
+              return_logits: bool = False, stop_at_eos: bool = True) -> RequestResult:
         """Answer one request. With a controller the budget-token path runs (its decisions, or `fixed`
-        decisions if given); without one, `fixed` knobs run on the plain path."""
+        decisions if given); without one, `fixed` knobs run on the plain path. `stop_at_eos=False`
+        decodes exactly max_new_tokens (benchmarks with fixed answer length)."""
         if controller is None and fixed is None:
             raise ValueError("serve() needs a controller or fixed knobs")
         budget_ms = check_budget_ms(budget_ms)
@@ -217,7 +218,7 @@ class RequestEngine:
                 step_logits.append(logits[0, -1].float().cpu())
             next_id = int(logits[0, -1].argmax())          # host sync: end-of-sequence check
             out_ids.append(next_id)
-            if next_id == eos or step == max_new_tokens - 1:
+            if (stop_at_eos and next_id == eos) or step == max_new_tokens - 1:
                 break
             emb = model.embed_tokens(torch.tensor([next_id], device=self.device))
             pos = torch.tensor([[T + step]], device=self.device)
