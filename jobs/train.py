@@ -83,11 +83,19 @@ class TrainingJob:
 
     def monitor(self, on_status: Optional[Callable[[dict, "TrainingJob"], None]] = None,
                 poll_s: float = 0.5) -> dict:
-        """Wait for the run to finish; restart loops of restarted workers; fail fast with a clear error."""
+        """Wait for the run to finish; restart loops of restarted workers; fail fast with a clear error.
+
+        A worker's `run` call failing with ActorUnavailableError means its process died and Ray is
+        restarting it (calls made while it restarts fail the same way; a slow backend load can take a
+        while): the loop is resubmitted until the restarted actor takes it. ActorDiedError means Ray gave
+        up on it (`system.max_worker_restarts` used up): that worker is gone for good.
+        """
         ray, cfg = self.ray, self.cfg
         last_step = -1
         alive = dict(self.loops)
-        restarts = {i: 0 for i in alive}
+        deaths = {i: 0 for i in alive}
+        restarting: dict[int, int] = {}          # worker -> learner restart count when it was seen dying
+        status = ray.get(self.learner.status.remote(), timeout=60)
         while True:
             if self.stop_requested:
                 self.print("[train] stop requested: flushing records and checkpointing")
@@ -98,16 +106,22 @@ class TrainingJob:
                 try:
                     ray.get(ref, timeout=10)
                     del alive[i]                         # finished normally (learner said stop)
-                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-                    restarts[i] += 1
-                    if restarts[i] > cfg.system.max_worker_restarts:
-                        self.print(f"[train] rollout worker {i} is gone for good: {type(exc).__name__}")
-                        del alive[i]
-                    else:
+                except ray.exceptions.ActorUnavailableError as exc:
+                    if i not in restarting:
+                        deaths[i] += 1
+                        restarting[i] = status["counters"]["worker_restarts"]
                         self.print(f"[train] rollout worker {i} died ({type(exc).__name__}); Ray restarts it "
-                                   f"(restart {restarts[i]}/{cfg.system.max_worker_restarts})")
-                        alive[i] = self.workers[i].run.remote(self.learner)
+                                   f"(restart {deaths[i]}/{cfg.system.max_worker_restarts})")
+                    alive[i] = self.workers[i].run.remote(self.learner)
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                    self.print(f"[train] rollout worker {i} is gone for good ({type(exc).__name__}; "
+                               f"system.max_worker_restarts = {cfg.system.max_worker_restarts})")
+                    del alive[i]
+                    restarting.pop(i, None)
             status = ray.get(self.learner.status.remote(), timeout=60)
+            for i, seen in list(restarting.items()):     # a restarted worker registered with the learner
+                if status["counters"]["worker_restarts"] > seen:
+                    del restarting[i]
             if status["step"] != last_step and status["last"]:
                 last_step = status["step"]
                 if last_step % cfg.system.log_every == 0 or status["done"]:
@@ -234,7 +248,10 @@ def init_ray(cfg, address: Optional[str]):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=True, dashboard_host=cfg.system.dashboard_host, log_to_driver=True,
+        # address="local": never attach to some other cluster found on this machine (ray.init() alone
+        # would join the last `ray start` cluster); every address on loopback.
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True,
+                 dashboard_host=cfg.system.dashboard_host, log_to_driver=True,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                            if k in ("PYTHONPATH", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}})
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -94,7 +95,7 @@ class Captured:
 
 
 def run_job(cfg, *, resume: bool = False, on_status: Optional[Callable] = None, finish: bool = True,
-            before_start: Optional[Callable] = None):
+            before_start: Optional[Callable] = None, poll_s: float = 0.2):
     """start / monitor / finish a TrainingJob on the session cluster; actors are always torn down.
 
     Returns (job, final status, summary or None, captured output)."""
@@ -106,7 +107,7 @@ def run_job(cfg, *, resume: bool = False, on_status: Optional[Callable] = None, 
         if before_start is not None:
             before_start(job)
         job.start()
-        status = job.monitor(on_status=on_status, poll_s=0.2)
+        status = job.monitor(on_status=on_status, poll_s=poll_s)
         if finish:
             summary = job.finish()
         else:
@@ -114,6 +115,38 @@ def run_job(cfg, *, resume: bool = False, on_status: Optional[Callable] = None, 
     finally:
         job.shutdown()
     return job, status, summary, out
+
+
+def assert_state_equal(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{path}: keys differ"
+        for k in a:
+            assert_state_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_state_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def committed_rows(run_dir, cfg, steps):
+    """Records of a finished run: steps 0..steps-1, each a full batch of complete groups, no group twice."""
+    from shared.records import read_record_dir
+    rows = read_record_dir(Path(run_dir) / "records").to_pylist()
+    g, per_update = cfg.grpo.group_size, cfg.grpo.groups_per_update
+    assert Counter(r["step"] for r in rows) == {s: g * per_update for s in range(steps)}
+    per_group = Counter(r["group_id"] for r in rows)
+    assert set(per_group.values()) == {g}, "a group was split, repeated or padded"
+    step_of = {}
+    for r in rows:
+        assert step_of.setdefault(r["group_id"], r["step"]) == r["step"], "a group id in two steps"
+    assert all(r["answer"] in ("yes", "no") and r["t_end"] >= r["t_start"] > 0 for r in rows)
+    return rows
+
 
 
 # ----------------------------------------------------------------------------------------------
