@@ -100,9 +100,21 @@ class MolmoReference:
         heads, hd = self.vit_heads, self.vit_head_dim
         b, tq, _ = xq_in.shape
         tk = xkv_in.shape[1]
-        q = (xq_in @ sd[prefix + "wq.weight"].T + sd[prefix + "wq.bias"]).view(b, tq, heads, hd).transpose(1, 2)
-        k = (xkv_in @ sd[prefix + "wk.weight"].T + sd[prefix + "wk.bias"]).view(b, tk, heads, hd).transpose(1, 2)
-        v = (xkv_in @ sd[prefix + "wv.weight"].T + sd[prefix + "wv.bias"]).view(b, tk, heads, hd).transpose(1, 2)
+        q = (
+            (xq_in @ sd[prefix + "wq.weight"].T + sd[prefix + "wq.bias"])
+            .view(b, tq, heads, hd)
+            .transpose(1, 2)
+        )
+        k = (
+            (xkv_in @ sd[prefix + "wk.weight"].T + sd[prefix + "wk.bias"])
+            .view(b, tk, heads, hd)
+            .transpose(1, 2)
+        )
+        v = (
+            (xkv_in @ sd[prefix + "wv.weight"].T + sd[prefix + "wv.bias"])
+            .view(b, tk, heads, hd)
+            .transpose(1, 2)
+        )
         o = _attention(q, k, v, causal=False).transpose(1, 2).reshape(b, tq, heads * hd)
         return o @ sd[prefix + "wo.weight"].T + sd[prefix + "wo.bias"]
 
@@ -115,7 +127,11 @@ class MolmoReference:
         feats = torch.cat([outs[i] for i in self.cfg["vit_layers"]], dim=-1)[:, 1:] * valid
         all_pad = (image_masks == 0).float()
         partial = ((image_masks < 1) & (image_masks != 0)).float()
-        feats = feats + sd[vb + "pad_embed"][0] * all_pad[..., None] + sd[vb + "pad_embed"][1] * partial[..., None]
+        feats = (
+            feats
+            + sd[vb + "pad_embed"][0] * all_pad[..., None]
+            + sd[vb + "pad_embed"][1] * partial[..., None]
+        )
         s = self.crop_patches
         feats = feats.view(n, s, s, -1)
         if s % 2:
@@ -193,8 +209,16 @@ class MolmoReference:
         x = _rms_norm(x, sd[t + "ln_f.weight"], self.eps)
         return x @ sd["lm_head.weight"].T
 
-    def greedy(self, input_ids, images=None, image_masks=None, image_input_idx=None, max_new_tokens=4,
-               top_k=None, skip=frozenset()) -> list[int]:
+    def greedy(
+        self,
+        input_ids,
+        images=None,
+        image_masks=None,
+        image_input_idx=None,
+        max_new_tokens=4,
+        top_k=None,
+        skip=frozenset(),
+    ) -> list[int]:
         """Greedy decoding by full recomputation (no cache); stops after max_new_tokens."""
         ids = input_ids.clone()
         out = []

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+try:  # tests/ on sys.path (rootdir-style import, no tests/__init__.py)
+    from molmo_reference import read_official_folder
+except ImportError:  # tests imported as a package
+    from tests.molmo_reference import read_official_folder
 from safetensors.torch import load_file, save_file
 
-from molmo_reference import read_official_folder
 from rollout_workers.molmoe.config import MolmoeConfig
 from rollout_workers.molmoe.loader import (
     INDEX_FILE,
@@ -58,8 +61,14 @@ KEY = "model.transformer.blocks.2.mlp.experts.5.up_proj.weight"
 
 def test_tiny_checkpoint_layout_and_size(pristine):
     files = {p.name for p in pristine.iterdir()}
-    assert {"config.json", "generation_config.json", INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
-            "preprocessor_config.json"} <= files
+    assert {
+        "config.json",
+        "generation_config.json",
+        INDEX_FILE,
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    } <= files
     assert len([f for f in files if f.endswith(".safetensors")]) >= 2  # sharded
     assert sum(p.stat().st_size for p in pristine.iterdir()) < 2_000_000
     cfg, sd = read_official_folder(pristine)

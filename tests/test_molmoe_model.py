@@ -11,14 +11,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+try:  # tests/ on sys.path (rootdir-style import, no tests/__init__.py)
+    from molmo_reference import MolmoReference
+except ImportError:  # tests imported as a package
+    from tests.molmo_reference import MolmoReference
+from transformers import DynamicCache
 
-from molmo_reference import MolmoReference
 from rollout_workers.molmoe.config import MolmoeConfig
 from rollout_workers.molmoe.loader import build_empty, load_checkpoint, load_molmoe, random_full_size
 from rollout_workers.molmoe.make_tiny_checkpoint import make_tiny_checkpoint
 from rollout_workers.molmoe.modeling import MolmoeModel
 from rollout_workers.molmoe.skip import SkipAwareCache, top_k_override
-from transformers import DynamicCache
 
 EQUIV_TOL = 1e-4
 MISTAKE_MIN = 1e-2
@@ -82,13 +85,19 @@ def test_logits_match_reference(bundle, ref, case):
         assert inp.tiling == case[3]
     ours, want = _ours(bundle.model, inp), _ref(ref, inp)
     diff = float((ours - want).abs().max())
-    print(f"[equiv] {case[1]} max_crops={case[2]} tiling={inp.tiling} T={inp.num_tokens}: max|dlogit|={diff:.2e}")
+    print(
+        f"[equiv] {case[1]} max_crops={case[2]} tiling={inp.tiling} T={inp.num_tokens}: "
+        f"max|dlogit|={diff:.2e}"
+    )
     assert ours.shape == want.shape == (inp.num_tokens, bundle.config.embedding_size)
     assert diff < EQUIV_TOL
     # the comparison has teeth: logits are O(1) and the image moves them
     assert float(want.abs().max()) > 1.0
     if inp.images is not None:
-        assert float((_ours(bundle.model, inp.__class__(input_ids=inp.input_ids)) - want).abs().max()) > MISTAKE_MIN
+        assert (
+            float((_ours(bundle.model, inp.__class__(input_ids=inp.input_ids)) - want).abs().max())
+            > MISTAKE_MIN
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +132,9 @@ def _plant(name, model, bundle, inp):
             p = cfg.patch_size_px
             bad = inp.images.view(n, npatch, p, p, 3).permute(0, 1, 4, 2, 3).reshape(n, npatch, -1)
             return model, inp.__class__(
-                input_ids=inp.input_ids, images=bad.contiguous(), image_masks=inp.image_masks,
+                input_ids=inp.input_ids,
+                images=bad.contiguous(),
+                image_masks=inp.image_masks,
                 image_input_idx=inp.image_input_idx,
             )
         elif name == "q/k norm swapped":
@@ -222,11 +233,21 @@ def test_invalid_knobs_are_rejected(bundle):
 def test_cached_greedy_decode_matches_recompute(bundle, ref, block_ids, top_k):
     inp = _inputs(bundle, ("how many squares", (200, 150), 4, None))
     skip = set() if block_ids is None else set(range(4)) - set(block_ids)
-    ref_top_k = None if top_k is None else (top_k if isinstance(top_k, dict) else {b: top_k for b in block_ids})
-    want = ref.greedy(inp.input_ids, inp.images, inp.image_masks, inp.image_input_idx, 5, top_k=ref_top_k, skip=skip)
+    ref_top_k = (
+        None if top_k is None else (top_k if isinstance(top_k, dict) else {b: top_k for b in block_ids})
+    )
+    want = ref.greedy(
+        inp.input_ids, inp.images, inp.image_masks, inp.image_input_idx, 5, top_k=ref_top_k, skip=skip
+    )
     got = bundle.model.greedy_generate(
-        inp.input_ids, inp.images, inp.image_masks, inp.image_input_idx,
-        max_new_tokens=5, block_ids=block_ids, top_k=top_k, eos_token_id=-1,
+        inp.input_ids,
+        inp.images,
+        inp.image_masks,
+        inp.image_input_idx,
+        max_new_tokens=5,
+        block_ids=block_ids,
+        top_k=top_k,
+        eos_token_id=-1,
     )
     assert got == want
 
@@ -245,7 +266,9 @@ def test_split_prefill_and_decode_step_match_reference(bundle, ref):
         h = model.run_blocks(model.embed_tokens(torch.tensor([nxt])), [0], cache=cache)
         h = model.run_blocks(h, [1, 3], cache=cache, top_k={3: 3})
         step = model.head(h)[0, -1]
-    want = ref.forward(inp.input_ids, inp.images, inp.image_masks, inp.image_input_idx, top_k={3: 3}, skip={2})
+    want = ref.forward(
+        inp.input_ids, inp.images, inp.image_masks, inp.image_input_idx, top_k={3: 3}, skip={2}
+    )
     assert float((logits - want).abs().max()) < EQUIV_TOL
     ids2 = torch.cat([inp.input_ids, torch.tensor([nxt])])
     want2 = ref.forward(ids2, inp.images, inp.image_masks, inp.image_input_idx, top_k={3: 3}, skip={2})[-1]
@@ -291,7 +314,9 @@ def test_encode_images_and_embed_segments(bundle, ref):
 
 def test_new_embedding_rows_are_used(bundle):
     model, cfg = bundle.model, bundle.config
-    ids = torch.tensor([cfg.eos_token_id, cfg.embedding_size, cfg.embedding_size + cfg.additional_vocab_size - 1])
+    ids = torch.tensor(
+        [cfg.eos_token_id, cfg.embedding_size, cfg.embedding_size + cfg.additional_vocab_size - 1]
+    )
     with torch.no_grad():
         x = model.embed_tokens(ids)[0]
     assert torch.equal(x[1], model.new_embedding[0]) and torch.equal(x[2], model.new_embedding[-1])

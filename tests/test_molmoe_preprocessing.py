@@ -4,7 +4,6 @@ image decoding (modes, corrupt data, memory bounds) and the tiny tokenizer."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import struct
 import subprocess
@@ -69,13 +68,43 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
 # ================================================================ tier counts (molmoe.md section 4)
 # (width, height) -> {max_crops: (tiling, vit_crops, patch_tokens, all_image_tokens)}
 TIER_TABLE = {
-    (1024, 768): {1: ((1, 1), 2, 288, 316), 3: ((1, 2), 3, 384, 412), 6: ((2, 3), 7, 704, 740), 12: ((3, 4), 13, 1152, 1196)},
-    (1280, 720): {1: ((1, 1), 2, 288, 316), 3: ((1, 2), 3, 384, 412), 6: ((2, 3), 7, 704, 740), 12: ((3, 4), 13, 1152, 1196)},
-    (1920, 1080): {1: ((1, 1), 2, 288, 316), 3: ((1, 2), 3, 384, 412), 6: ((2, 3), 7, 704, 740), 12: ((3, 4), 13, 1152, 1196)},
-    (640, 480): {1: ((1, 1), 2, 288, 316), 3: ((1, 2), 3, 384, 412), 6: ((2, 3), 7, 704, 740), 12: ((2, 3), 7, 704, 740)},
-    (1024, 1024): {4: ((2, 2), 5, 544, 580), 5: ((2, 2), 5, 544, 580), 6: ((2, 2), 5, 544, 580),
-                   9: ((3, 3), 10, 928, 972), 12: ((3, 3), 10, 928, 972)},
-    (336, 336): {1: ((1, 1), 2, 288, 316), 3: ((1, 1), 2, 288, 316), 6: ((1, 1), 2, 288, 316), 12: ((1, 1), 2, 288, 316)},
+    (1024, 768): {
+        1: ((1, 1), 2, 288, 316),
+        3: ((1, 2), 3, 384, 412),
+        6: ((2, 3), 7, 704, 740),
+        12: ((3, 4), 13, 1152, 1196),
+    },
+    (1280, 720): {
+        1: ((1, 1), 2, 288, 316),
+        3: ((1, 2), 3, 384, 412),
+        6: ((2, 3), 7, 704, 740),
+        12: ((3, 4), 13, 1152, 1196),
+    },
+    (1920, 1080): {
+        1: ((1, 1), 2, 288, 316),
+        3: ((1, 2), 3, 384, 412),
+        6: ((2, 3), 7, 704, 740),
+        12: ((3, 4), 13, 1152, 1196),
+    },
+    (640, 480): {
+        1: ((1, 1), 2, 288, 316),
+        3: ((1, 2), 3, 384, 412),
+        6: ((2, 3), 7, 704, 740),
+        12: ((2, 3), 7, 704, 740),
+    },
+    (1024, 1024): {
+        4: ((2, 2), 5, 544, 580),
+        5: ((2, 2), 5, 544, 580),
+        6: ((2, 2), 5, 544, 580),
+        9: ((3, 3), 10, 928, 972),
+        12: ((3, 3), 10, 928, 972),
+    },
+    (336, 336): {
+        1: ((1, 1), 2, 288, 316),
+        3: ((1, 1), 2, 288, 316),
+        6: ((1, 1), 2, 288, 316),
+        12: ((1, 1), 2, 288, 316),
+    },
 }
 
 
@@ -83,9 +112,14 @@ TIER_TABLE = {
 def test_tier_counts_match_table(size):
     table = TIER_TABLE[size]
     counts = tier_token_counts(size[0], size[1], list(table))
-    for (mc, (tiling, crops, patches, tokens)), got in zip(table.items(), counts):
+    for (mc, (tiling, crops, patches, tokens)), got in zip(table.items(), counts, strict=True):
         lay = image_layout(size[0], size[1], FULL, mc)
-        assert (lay.tiling, lay.num_crops, lay.num_patch_tokens, lay.num_image_tokens) == (tiling, crops, patches, tokens)
+        assert (lay.tiling, lay.num_crops, lay.num_patch_tokens, lay.num_image_tokens) == (
+            tiling,
+            crops,
+            patches,
+            tokens,
+        )
         assert got == (crops, tokens)
         r, c = tiling
         assert patches == 144 + (8 * r + 4) * (8 * c + 4) and tokens == 160 + (8 * r + 4) * (8 * c + 5)
@@ -96,8 +130,17 @@ def full_pre():
     return MolmoPreprocessor(FULL, _full_size_tokenizer())
 
 
-@pytest.mark.parametrize("size,max_crops", [((1024, 768), 12), ((1280, 720), 6), ((640, 480), 12), ((1024, 1024), 9),
-                                            ((336, 336), 12), ((640, 480), 1)])
+@pytest.mark.parametrize(
+    "size,max_crops",
+    [
+        ((1024, 768), 12),
+        ((1280, 720), 6),
+        ((640, 480), 12),
+        ((1024, 1024), 9),
+        ((336, 336), 12),
+        ((640, 480), 1),
+    ],
+)
 def test_full_size_preprocessing_gives_the_tabled_counts(full_pre, size, max_crops):
     inp = full_pre.preprocess("what is this", image=_rgb(*size), max_crops=max_crops)
     tiling, crops, patches, tokens = TIER_TABLE[size][max_crops]
@@ -106,26 +149,46 @@ def test_full_size_preprocessing_gives_the_tabled_counts(full_pre, size, max_cro
     assert inp.image_input_idx.shape == (crops, 144)
     ids = inp.input_ids
     assert int((ids == FULL.image_patch_token_id).sum()) == patches == inp.num_patch_tokens
-    n_image = int(torch.isin(ids, torch.tensor([FULL.image_start_token_id, FULL.image_end_token_id,
-                                                 FULL.image_patch_token_id, FULL.image_col_token_id])).sum())
+    n_image = int(
+        torch.isin(
+            ids,
+            torch.tensor(
+                [
+                    FULL.image_start_token_id,
+                    FULL.image_end_token_id,
+                    FULL.image_patch_token_id,
+                    FULL.image_col_token_id,
+                ]
+            ),
+        ).sum()
+    )
     assert n_image == tokens == inp.num_image_tokens
     assert full_pre.tier_token_counts(*size, [max_crops]) == [(crops, tokens)]
 
 
-@pytest.mark.parametrize("size", [(200, 150), (90, 300), (640, 480), (1000, 120), (30, 20), (112, 112), (4000, 3000)])
+@pytest.mark.parametrize(
+    "size", [(200, 150), (90, 300), (640, 480), (1000, 120), (30, 20), (112, 112), (4000, 3000)]
+)
 def test_tier_counts_agree_with_preprocessing_tiny(tiny_pre, size):
     counts = tiny_pre.tier_token_counts(size[0], size[1], [1, 2, 4, 6, 12])
-    for mc, (crops, tokens) in zip([1, 2, 4, 6, 12], counts):
+    for mc, (crops, tokens) in zip([1, 2, 4, 6, 12], counts, strict=True):
         inp = tiny_pre.preprocess("q", image=_rgb(*size, seed=mc), max_crops=mc)
         assert (inp.num_crops, inp.num_image_tokens) == (crops, tokens)
-        assert inp.images.shape[0] == crops and inp.input_ids.shape[0] == 1 + tokens + len(tiny_pre.prompt_ids("q"))
+        assert inp.images.shape[0] == crops and inp.input_ids.shape[0] == 1 + tokens + len(
+            tiny_pre.prompt_ids("q")
+        )
 
 
 # ================================================================ layout, prompt, mask quirk
 def test_token_layout_and_prompt(full_pre):
     inp = full_pre.preprocess("How many dogs?", image=_rgb(640, 480), max_crops=12)
     cfg, ids = FULL, inp.input_ids.tolist()
-    P, C, S, E = cfg.image_patch_token_id, cfg.image_col_token_id, cfg.image_start_token_id, cfg.image_end_token_id
+    P, C, S, E = (
+        cfg.image_patch_token_id,
+        cfg.image_col_token_id,
+        cfg.image_start_token_id,
+        cfg.image_end_token_id,
+    )
     prompt = full_pre.tokenizer.encode(" User: How many dogs? Assistant:")
     expected = [full_pre.tokenizer.bos_id, S] + ([P] * 12 + [C]) * 12 + [E]
     expected += [S] + ([P] * 28 + [C]) * 20 + [E] + prompt  # 2x3 tiling: (8r+4) rows of (8c+4) patches
@@ -284,8 +347,14 @@ def test_huge_jpeg_is_decoded_downscaled_with_bounded_memory(tmp_path):
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(img.shape[0], img.shape[1], int(img.mean()), (after - before) // 1024)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 0, out.stderr
     h, w, mean, grown_mb = map(int, out.stdout.split())
     assert (h, w) == (4096, 4096) and abs(mean - 90) <= 2

@@ -22,7 +22,13 @@ IMAGE_END_TOKEN = "<im_end>"
 IMAGE_PATCH_TOKEN = "<im_patch>"
 IMAGE_COL_TOKEN = "<im_col>"
 IMAGE_PROMPT_TOKEN = "<|image|>"
-IMAGE_SPECIAL_TOKENS = (IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_PATCH_TOKEN, IMAGE_COL_TOKEN, IMAGE_PROMPT_TOKEN)
+IMAGE_SPECIAL_TOKENS = (
+    IMAGE_START_TOKEN,
+    IMAGE_END_TOKEN,
+    IMAGE_PATCH_TOKEN,
+    IMAGE_COL_TOKEN,
+    IMAGE_PROMPT_TOKEN,
+)
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
 
@@ -98,7 +104,10 @@ class MolmoeConfig:
             problems.append(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_kv_heads != self.n_heads:
             # The official qk-norm normalises the full d_model-wide k, so Molmo has no GQA variant.
-            problems.append(f"n_kv_heads {self.n_kv_heads} != n_heads {self.n_heads} (MolmoE uses plain multi-head attention)")
+            problems.append(
+                f"n_kv_heads {self.n_kv_heads} != n_heads {self.n_heads} "
+                "(MolmoE uses plain multi-head attention)"
+            )
         if not 1 <= self.top_k <= self.num_experts:
             problems.append(f"top_k {self.top_k} must be in 1..num_experts ({self.num_experts})")
         if self.embedding_size < self.vocab_size:
@@ -113,7 +122,9 @@ class MolmoeConfig:
         if len(set(self.vit_block_indices)) != len(self.vit_layers):
             problems.append(f"vit_layers {self.vit_layers} selects a block twice")
         if self.crop_size_px % self.patch_size_px:
-            problems.append(f"crop_size_px {self.crop_size_px} is not a multiple of patch_size_px {self.patch_size_px}")
+            problems.append(
+                f"crop_size_px {self.crop_size_px} is not a multiple of patch_size_px {self.patch_size_px}"
+            )
         left, right = self.overlap_margins
         window = self.crop_patches - left - right
         if left % 2 or right % 2 or left < 0 or right < 0:
@@ -380,7 +391,9 @@ class MolmoeConfig:
         if not vb:
             problems.append("vision_backbone is missing")
         if vb.get("image_model_type", "openai") != "openai":
-            problems.append(f"vision_backbone.image_model_type={vb.get('image_model_type')!r} (supported: 'openai')")
+            problems.append(
+                f"vision_backbone.image_model_type={vb.get('image_model_type')!r} (supported: 'openai')"
+            )
         if vb.get("image_mlp_activations", "quick_gelu") != "quick_gelu":
             problems.append(
                 f"vision_backbone.image_mlp_activations={vb.get('image_mlp_activations')!r} "
@@ -414,7 +427,9 @@ class MolmoeConfig:
             additional_vocab_size=int(d.get("additional_vocab_size") or 0),
             rope_theta=float(d.get("rope_theta", 10000.0)),
             layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)),
-            max_position_embeddings=int(d.get("max_position_embeddings") or d.get("max_sequence_length", 4096)),
+            max_position_embeddings=int(
+                d.get("max_position_embeddings") or d.get("max_sequence_length", 4096)
+            ),
             max_sequence_length=int(d.get("max_sequence_length", 4096)),
             clip_qkv=d.get("clip_qkv"),
             vit_hidden_size=int(vb["image_emb_dim"]),
@@ -448,7 +463,9 @@ class MolmoeConfig:
         expected_pos = cfg.vit_num_positions
         if int(vb.get("image_num_pos", expected_pos)) != expected_pos:
             raise ConfigError(
-                f"vision_backbone.image_num_pos={vb.get('image_num_pos')} but a {cfg.crop_size_px}-px crop of "
-                f"{cfg.patch_size_px}-px patches has {expected_pos} positions (position interpolation is not supported)"
+                f"vision_backbone.image_num_pos={vb.get('image_num_pos')} but a "
+                f"{cfg.crop_size_px}-px crop of "
+                f"{cfg.patch_size_px}-px patches has {expected_pos} positions "
+                "(position interpolation is not supported)"
             )
         return cfg

@@ -36,7 +36,10 @@ class PoolingAttention(nn.Module):
         xv = self.wv(inputs_kv).view(b, k_len, self.num_heads, self.head_dim)
         og_dtype = xq.dtype
         out = F.scaled_dot_product_attention(
-            xq.float().transpose(1, 2), xk.float().transpose(1, 2), xv.float().transpose(1, 2), is_causal=False
+            xq.float().transpose(1, 2),
+            xk.float().transpose(1, 2),
+            xv.float().transpose(1, 2),
+            is_causal=False,
         ).transpose(1, 2)
         out = out.to(og_dtype).reshape(b, q_len, self.num_heads * self.head_dim)
         return self.wo(out)
@@ -70,7 +73,9 @@ class MolmoConnector(nn.Module):
         self.image_pooling_2d = PoolingAttention(
             feat_dim, config.vit_num_heads, config.vit_head_dim, config.vit_hidden_size
         )
-        self.image_projector = SwiGLUProjector(config.vit_hidden_size, config.projector_hidden_size, config.d_model)
+        self.image_projector = SwiGLUProjector(
+            config.vit_hidden_size, config.projector_hidden_size, config.d_model
+        )
 
     def add_pad_embeddings(self, features: torch.Tensor, image_masks: torch.Tensor) -> torch.Tensor:
         """features [n_crops, n_patches, feat_dim], image_masks [n_crops, n_patches] -> same shape."""
@@ -100,7 +105,11 @@ class MolmoConnector(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         h, w = x.shape[1] // ph, x.shape[2] // pw
         # 'n (h dh) (w dw) c -> (n h w) (dh dw) c'
-        x = x.reshape(n_crops, h, ph, w, pw, feat_dim).permute(0, 1, 3, 2, 4, 5).reshape(n_crops * h * w, ph * pw, feat_dim)
+        x = (
+            x.reshape(n_crops, h, ph, w, pw, feat_dim)
+            .permute(0, 1, 3, 2, 4, 5)
+            .reshape(n_crops * h * w, ph * pw, feat_dim)
+        )
         query = x.mean(dim=-2, keepdim=True)
         pooled = self.image_pooling_2d(query, x)  # [n*h*w, 1, vit_hidden]
         pooled = pooled.reshape(n_crops, h * w, -1)

@@ -78,7 +78,12 @@ def build_recipes(cfg: MolmoeConfig) -> list[Recipe]:
 
     r.append(_rename("vision.embeddings.class_embedding", vit + "class_embedding"))
     r.append(
-        Recipe(("vision.embeddings.patch_embedding.weight",), (vit + "patch_embedding.weight",), patch_to_ours, patch_to_official)
+        Recipe(
+            ("vision.embeddings.patch_embedding.weight",),
+            (vit + "patch_embedding.weight",),
+            patch_to_ours,
+            patch_to_official,
+        )
     )
     r.append(_rename("vision.embeddings.position_embedding.weight", vit + "positional_embedding"))
     for wb in ("weight", "bias"):
@@ -86,10 +91,16 @@ def build_recipes(cfg: MolmoeConfig) -> list[Recipe]:
     for i in range(cfg.vit_num_layers):
         ours, off = f"vision.encoder.layers.{i}.", vit + f"transformer.resblocks.{i}."
         for wb in ("weight", "bias"):
-            for a, b in (("self_attn.q_proj", "attention.wq"), ("self_attn.k_proj", "attention.wk"),
-                         ("self_attn.v_proj", "attention.wv"), ("self_attn.out_proj", "attention.wo"),
-                         ("mlp.fc1", "feed_forward.w1"), ("mlp.fc2", "feed_forward.w2"),
-                         ("layer_norm1", "attention_norm"), ("layer_norm2", "ffn_norm")):
+            for a, b in (
+                ("self_attn.q_proj", "attention.wq"),
+                ("self_attn.k_proj", "attention.wk"),
+                ("self_attn.v_proj", "attention.wv"),
+                ("self_attn.out_proj", "attention.wo"),
+                ("mlp.fc1", "feed_forward.w1"),
+                ("mlp.fc2", "feed_forward.w2"),
+                ("layer_norm1", "attention_norm"),
+                ("layer_norm2", "ffn_norm"),
+            ):
                 r.append(_rename(ours + f"{a}.{wb}", off + f"{b}.{wb}"))
     vb = "model.vision_backbone."
     r.append(_rename("connector.pad_embed", vb + "pad_embed"))
@@ -145,7 +156,9 @@ def build_recipes(cfg: MolmoeConfig) -> list[Recipe]:
         r.append(_rename(ours + "mlp.gate.weight", off + "mlp.gate.weight"))
         expert_keys = []
         for e in range(n_exp):
-            expert_keys += [off + f"mlp.experts.{e}.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
+            expert_keys += [
+                off + f"mlp.experts.{e}.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")
+            ]
         r.append(
             Recipe(
                 (ours + "mlp.experts.gate_up_proj", ours + "mlp.experts.down_proj"),
@@ -218,7 +231,7 @@ def official_state_dict(model: MolmoeModel) -> Iterator[tuple[str, torch.Tensor]
     params = dict(model.named_parameters())
     for rec in build_recipes(model.config):
         ours = [params[k].detach().to("cpu") for k in rec.ours]
-        for key, tensor in zip(rec.official, rec.to_official(ours)):
+        for key, tensor in zip(rec.official, rec.to_official(ours), strict=True):
             yield key, tensor
 
 
@@ -241,7 +254,9 @@ class CheckpointReader:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+                raise CheckpointError(
+                    f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}"
+                ) from e
         elif single.is_file():
             weight_map = None
         else:
@@ -292,7 +307,9 @@ def _preview(items: Sequence[str], n: int = 12) -> str:
     return head + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
-def check_tensors(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], where: str) -> None:
+def check_tensors(
+    found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], where: str
+) -> None:
     """Raise CheckpointError listing every missing, unexpected and mis-shaped tensor."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -355,7 +372,11 @@ def read_config(folder: str | os.PathLike) -> tuple[MolmoeConfig, MolmoTokenizer
             "image_token_length_h": cfg.tokens_per_crop_side,
             "overlap_margins": list(cfg.overlap_margins),
         }
-        bad = [f"{k}={pre[k]} (config implies {v})" for k, v in checks.items() if k in pre and list_or(pre[k]) != v]
+        bad = [
+            f"{k}={pre[k]} (config implies {v})"
+            for k, v in checks.items()
+            if k in pre and list_or(pre[k]) != v
+        ]
         if bad:
             raise CheckpointError(f"{pre_path} disagrees with config.json: " + "; ".join(bad))
         updates = {}
@@ -401,7 +422,9 @@ def build_empty(
     emb.position_ids = torch.arange(emb.num_positions, device=device).expand((1, -1))
     names = {n for n, _ in model.named_buffers()}
     if names != _KNOWN_BUFFERS:
-        raise RuntimeError(f"unexpected buffers in this transformers version: {sorted(names ^ _KNOWN_BUFFERS)}")
+        raise RuntimeError(
+            f"unexpected buffers in this transformers version: {sorted(names ^ _KNOWN_BUFFERS)}"
+        )
     expected = {k for rec in build_recipes(cfg) for k in rec.ours}
     have = set(model.state_dict().keys())
     if have != expected:
@@ -440,10 +463,12 @@ def load_checkpoint(
     with torch.no_grad():
         for rec in build_recipes(cfg):
             ours = rec.to_ours([reader.get(k).to(params[rec.ours[0]].dtype) for k in rec.official])
-            for key, tensor in zip(rec.ours, ours):
+            for key, tensor in zip(rec.ours, ours, strict=True):
                 param = params[key]
                 if tuple(tensor.shape) != tuple(param.shape):
-                    raise CheckpointError(f"{key}: converted shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+                    raise CheckpointError(
+                        f"{key}: converted shape {tuple(tensor.shape)} != {tuple(param.shape)}"
+                    )
                 param.copy_(tensor)
                 filled.add(key)
     if filled != set(params):

@@ -145,7 +145,8 @@ class MolmoeModel(nn.Module):
             image_masks = image_masks[0]
         if images.dim() != 3 or images.shape[1:] != (cfg.patches_per_crop, cfg.patch_dim):
             raise ValueError(
-                f"images must be [n_crops, {cfg.patches_per_crop}, {cfg.patch_dim}], got {tuple(images.shape)}"
+                f"images must be [n_crops, {cfg.patches_per_crop}, {cfg.patch_dim}], "
+                f"got {tuple(images.shape)}"
             )
         x = images.to(device=self.device, dtype=self.vision_dtype)
         n = x.shape[0]
@@ -177,7 +178,9 @@ class MolmoeModel(nn.Module):
         if ids.device.type == "cpu":
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.config.total_vocab_size:
-                raise ValueError(f"token ids must be in 0..{self.config.total_vocab_size - 1}, got {lo}..{hi}")
+                raise ValueError(
+                    f"token ids must be in 0..{self.config.total_vocab_size - 1}, got {lo}..{hi}"
+                )
         table = self.llm.model.embed_tokens.weight
         base = nn.functional.embedding(ids.clamp(max=n_base - 1), table)
         if self.config.additional_vocab_size == 0:
@@ -217,7 +220,9 @@ class MolmoeModel(nn.Module):
         idx = image_input_idx.reshape(-1).to(inputs_embeds.device)
         feats = image_features.reshape(idx.shape[0], -1).to(inputs_embeds.dtype)
         if feats.shape[-1] != inputs_embeds.shape[-1]:
-            raise ValueError(f"image features are {feats.shape[-1]} wide, embeddings {inputs_embeds.shape[-1]}")
+            raise ValueError(
+                f"image features are {feats.shape[-1]} wide, embeddings {inputs_embeds.shape[-1]}"
+            )
         valid = idx >= 0
         feats = feats * valid.unsqueeze(-1).to(feats.dtype)
         idx = torch.where(valid, idx, torch.zeros_like(idx))

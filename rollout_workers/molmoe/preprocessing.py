@@ -25,7 +25,6 @@ composited on white (the released processor drops alpha).
 from __future__ import annotations
 
 import io
-import math
 import threading
 import warnings
 from dataclasses import dataclass
@@ -106,7 +105,9 @@ def _open_header(data: bytes | bytearray | memoryview, limits: DecodeLimits) -> 
         except UnidentifiedImageError as e:
             fmt = _sniff_format(bytes(data[:16]))
             if fmt:
-                raise ImageDecodeError(f"corrupt {fmt} image: the header cannot be read ({len(data)} bytes)") from e
+                raise ImageDecodeError(
+                    f"corrupt {fmt} image: the header cannot be read ({len(data)} bytes)"
+                ) from e
             raise ImageDecodeError(f"not a recognised image format ({len(data)} bytes)") from e
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageDecodeError(f"corrupt image header: {e}") from e
@@ -231,7 +232,9 @@ def _gray_array_to_rgb(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.stack([gray] * 3, axis=-1), mode="RGB")
 
 
-def to_rgb_array(image: Any, limits: DecodeLimits = DEFAULT_DECODE_LIMITS, apply_exif_orientation: bool = True) -> np.ndarray:
+def to_rgb_array(
+    image: Any, limits: DecodeLimits = DEFAULT_DECODE_LIMITS, apply_exif_orientation: bool = True
+) -> np.ndarray:
     """Accept bytes, a PIL image or an array and return RGB uint8 [H, W, 3] (bounded by ``limits``)."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         return decode_image(image, limits, apply_exif_orientation)
@@ -350,8 +353,13 @@ def _resize_and_pad(
     scale = min(scale_x, scale_y)
     scaled_h = max(1, int(np.array(height, np.float32) * scale))
     scaled_w = max(1, int(np.array(width, np.float32) * scale))
-    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).to(torch.float32) / 255.0
-    x = F.interpolate(x[None], size=(scaled_h, scaled_w), mode="bilinear", align_corners=False, antialias=True)[0]
+    x = (
+        torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).to(torch.float32)
+        / 255.0
+    )
+    x = F.interpolate(
+        x[None], size=(scaled_h, scaled_w), mode="bilinear", align_corners=False, antialias=True
+    )[0]
     x = torch.clip(x, 0.0, 1.0).permute(1, 2, 0).numpy()
     top = (desired_h - scaled_h) // 2
     left = (desired_w - scaled_w) // 2
@@ -439,7 +447,9 @@ def image_to_crops(
     patch_ordering = np.stack(ordering_arr).reshape(-1)
     valid = patch_ordering >= 0
     # Transpose to left-to-right order over the whole image instead of crop-by-crop order.
-    ordering_rh = patch_ordering.reshape(tiling[0], tiling[1], tok_side, tok_side).transpose(0, 2, 1, 3).reshape(-1)
+    ordering_rh = (
+        patch_ordering.reshape(tiling[0], tiling[1], tok_side, tok_side).transpose(0, 2, 1, 3).reshape(-1)
+    )
     patch_ordering[valid] = ordering_rh[ordering_rh >= 0]
 
     h = tiling[0] * window_patches + (right_margin + left_margin)
@@ -564,7 +574,9 @@ class MolmoPreprocessor:
         """Token ids of the official "role" prompt ``" User: {question} Assistant:"`` (no BOS)."""
         return self.tokenizer.encode(" User: " + question + " Assistant:")
 
-    def tier_token_counts(self, width: int, height: int, max_crops_list: Sequence[int]) -> list[tuple[int, int]]:
+    def tier_token_counts(
+        self, width: int, height: int, max_crops_list: Sequence[int]
+    ) -> list[tuple[int, int]]:
         return tier_token_counts(width, height, max_crops_list, self.config, self.limits)
 
     def image_layout(self, width: int, height: int, max_crops: int) -> ImageLayout:
@@ -591,7 +603,9 @@ class MolmoPreprocessor:
         max_crops = int(max_crops if max_crops is not None else cfg.max_crops)
         rgb = image if _is_rgb_array(image) and self._within_limits(image) else self.load_image(image)
         crops = image_to_crops(rgb, cfg, max_crops, replicate_mask_quirk=replicate_mask_quirk)
-        idx = build_image_input_idx(crops.tokens, crops.patch_ordering, cfg.image_patch_token_id, cfg.tokens_per_crop)
+        idx = build_image_input_idx(
+            crops.tokens, crops.patch_ordering, cfg.image_patch_token_id, cfg.tokens_per_crop
+        )
         # The image goes first; BOS is prepended, shifting every feature position by one.
         input_ids = np.concatenate([bos, crops.tokens, text_ids])
         idx = np.where(idx < 0, idx, idx + 1)
@@ -603,7 +617,9 @@ class MolmoPreprocessor:
             or layout.num_image_tokens != crops.tokens.shape[0]
             or layout.num_patch_tokens != n_patch_tokens
         ):
-            raise AssertionError(f"layout {layout} disagrees with the crops made ({crops.tiling}, {crops.crops.shape})")
+            raise AssertionError(
+                f"layout {layout} disagrees with the crops made ({crops.tiling}, {crops.crops.shape})"
+            )
         return MolmoInputs(
             input_ids=torch.from_numpy(input_ids),
             images=torch.from_numpy(crops.crops),
@@ -623,4 +639,6 @@ class MolmoPreprocessor:
 
 
 def _is_rgb_array(x: Any) -> bool:
-    return isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 and x.shape[-1] == 3 and x.size > 0
+    return (
+        isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 and x.shape[-1] == 3 and x.size > 0
+    )

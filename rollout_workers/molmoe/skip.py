@@ -50,7 +50,7 @@ def normalize_block_ids(block_ids: Sequence[int] | None, n_layers: int) -> tuple
         raise ValueError("block_ids is empty: at least one block must run")
     if any(b < 0 or b >= n_layers for b in ids):
         raise ValueError(f"block_ids {ids} outside 0..{n_layers - 1}")
-    if any(b >= c for b, c in zip(ids, ids[1:])):
+    if any(b >= c for b, c in zip(ids, ids[1:], strict=False)):
         raise ValueError(f"block_ids {ids} must be strictly increasing (blocks run in model order)")
     return ids
 

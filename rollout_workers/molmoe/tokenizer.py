@@ -45,7 +45,7 @@ def _tiny_corpus() -> list[str]:
     caps = [w.capitalize() for w in words[:40]]
     lines = [" ".join(words)] * 4 + [" ".join(caps)] * 2
     lines += [f" User: {w} Assistant: {w}" for w in words]
-    lines += [f" User: How many {w}? Assistant: {n}" for w, n in zip(words, "0123456789" * 40)]
+    lines += [f" User: How many {w}? Assistant: {n}" for w, n in zip(words, "0123456789" * 40, strict=False)]
     lines += [" ".join(str(i) for i in range(100))]
     return lines
 
