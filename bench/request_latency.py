@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from rollout_workers.molmoe.config import EOS_TOKEN, IMAGE_SPECIAL_TOKENS, PAD_TOKEN, MolmoeConfig  # noqa: E402
+from rollout_workers.molmoe.config import MolmoeConfig  # noqa: E402
+from rollout_workers.molmoe_backend import word_level_tokenizer  # noqa: E402
 from rollout_workers.molmoe.preprocessing import MolmoPreprocessor  # noqa: E402
 from rollout_workers.molmoe.tokenizer import MolmoTokenizer  # noqa: E402
 from rollout_workers.request_path import SEGMENT_ORDER, RequestEngine  # noqa: E402
@@ -40,19 +41,7 @@ QUESTION = "what colour is the small circle in the top left corner of the pictur
 
 def bench_tokenizer(cfg: MolmoeConfig) -> MolmoTokenizer:
     """A word-level tokenizer whose special ids match the full config (the real one ships with the checkpoint)."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    words = sorted(set(QUESTION.split() + ["what", "is", "in", "the", "image", "User:", "Assistant:", ":"]))
-    vocab = {w: i + 2 for i, w in enumerate(words)}
-    vocab["[UNK]"] = 0
-    specials = {EOS_TOKEN: cfg.eos_token_id, PAD_TOKEN: cfg.pad_token_id}
-    specials.update(dict(zip(IMAGE_SPECIAL_TOKENS, (cfg.image_start_token_id, cfg.image_end_token_id,
-                                                    cfg.image_patch_token_id, cfg.image_col_token_id,
-                                                    cfg.image_prompt_token_id))))
-    vocab.update(specials)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
-    return MolmoTokenizer(tok)
+    return word_level_tokenizer(cfg, QUESTION.split())
 
 
 def png(w=1024, h=768) -> bytes:

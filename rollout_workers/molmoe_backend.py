@@ -14,6 +14,28 @@ from shared.controller import TwoStageController
 from shared.knobs import ImportanceScores, KnobChoice, KnobSpace
 
 
+def word_level_tokenizer(cfg, words=()):
+    """A word-level tokenizer whose special-token ids match `cfg` (for RANDOM full-size weights, which
+    ship no tokenizer; the real checkpoint folder carries its own). Unknown words map to [UNK]."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    from rollout_workers.molmoe.config import EOS_TOKEN, IMAGE_SPECIAL_TOKENS, PAD_TOKEN
+    from rollout_workers.molmoe.tokenizer import MolmoTokenizer
+    base = ["User:", "Assistant:", "what", "is", "the", "of", "in", "how", "many", "colour", "color", "shape",
+            "small", "large", "circle", "square", "triangle", "red", "green", "blue", "yes", "no", "?"]
+    vocab = {w: i + 2 for i, w in enumerate(sorted(set(base) | set(words)))}
+    vocab["[UNK]"] = 0
+    specials = {EOS_TOKEN: cfg.eos_token_id, PAD_TOKEN: cfg.pad_token_id}
+    specials.update(dict(zip(IMAGE_SPECIAL_TOKENS, (cfg.image_start_token_id, cfg.image_end_token_id,
+                                                    cfg.image_patch_token_id, cfg.image_col_token_id,
+                                                    cfg.image_prompt_token_id))))
+    vocab.update(specials)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    return MolmoTokenizer(tok)
+
+
 def _device_name(device: torch.device, threads: int) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -44,12 +66,21 @@ class MolmoeBackend(RolloutBackend):
         dtype = getattr(torch, m.dtype)
         if m.checkpoint:
             bundle = load_molmoe(m.checkpoint, device, dtype)
+        elif m.random_weights == "full":
+            from rollout_workers.molmoe.config import MolmoeConfig
+            from rollout_workers.molmoe.loader import Molmoe, random_full_size
+            from rollout_workers.molmoe.preprocessing import MolmoPreprocessor
+            full = MolmoeConfig.full()
+            model = random_full_size(device, dtype, seed=cfg.system.seed)
+            tok = word_level_tokenizer(full)
+            bundle = Molmoe(model, tok, MolmoPreprocessor(full, tok))
         elif m.random_weights == "tiny":
             folder = make_tiny_checkpoint(tempfile.mkdtemp(prefix="tiny-molmoe-"), seed=cfg.system.seed)
             bundle = load_molmoe(folder, device, dtype)
         else:
             raise ValueError("model.checkpoint is empty: point it at a checkpoint folder laid out like the hub's "
-                             "(or set model.random_weights=tiny for a random test model)")
+                             "(or set model.random_weights=tiny for a random test model, or full for RANDOM "
+                             "full-size weights, which only time correctly)")
         mc = bundle.model.config
         importance = (ImportanceScores.load(m.importance_scores, mc.n_layers) if m.importance_scores
                       else ImportanceScores.by_index(mc.n_layers))
