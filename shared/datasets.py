@@ -59,3 +59,4 @@ def _import_loaders() -> None:
         import shared.vqa_data  # noqa: F401
     except ImportError:
         pass
+    import shared.shapes  # noqa: F401  (registers "shapes")

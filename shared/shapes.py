@@ -1,0 +1,332 @@
+"""Shapes: a procedurally generated visual question set (DESIGN.md section 8, issue 6 point 1).
+
+Every sample is a 224 x 224 PNG scene and one question about it, generated from (seed, split, index)
+alone, so any sample can be regenerated without the others and the splits never share a scene.
+
+Scenes hold LARGE shapes (40-56 px: circle, square, triangle) and SMALL shapes (7-8 px: circle,
+square, triangle, cross) in six colours. Question families:
+
+| family              | question                                   | answer        | needs                     |
+|---------------------|--------------------------------------------|---------------|---------------------------|
+| large_color         | What color is the big {shape}?             | colour word   | the global view           |
+| large_exists        | Is there a big circle?                     | yes / no      | the global view           |
+| large_count_color   | How many big {color} shapes are there?     | 0..3          | global view, counting     |
+| small_color         | What color is the small {shape}?           | colour word   | crops: the small shape's  |
+|                     |                                            |               | type is lost at 1/2 scale |
+| small_count         | How many small {shape}s are there?         | 1..3          | crops and counting        |
+| small_corner        | Which corner has the small cross?          | top left, ... | crops (all four small     |
+|                     |                                            |               | shapes share one colour)  |
+
+With the tiny model's 112-px crops, the global view sees the scene at half scale (a small shape is
+3-4 px there); max_crops 9 tiles it at full scale. Answers are short strings scored with metric
+"exact" (shared/scorers.py).
+
+    ds = shapes_dataset("validation", 600, seed=0)     # datasets.Dataset
+    samples = shapes_samples("validation", 600)         # list[shared.backend.Sample]
+    LOADERS["shapes"](source_cfg, "validation", run_cfg)
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 224
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (40, 70, 220),
+    "yellow": (235, 205, 20),
+    "purple": (140, 40, 180),
+    "orange": (245, 130, 20),
+}
+LARGE_SHAPES = ("circle", "square", "triangle")
+SMALL_SHAPES = ("circle", "square", "triangle", "cross")
+CORNERS = ("top left", "top right", "bottom left", "bottom right")
+FAMILIES = ("large_color", "large_exists", "large_count_color", "small_color", "small_count", "small_corner")
+DETAIL_FAMILIES = ("small_color", "small_count", "small_corner")
+SPLITS = {"train": 0, "validation": 1, "test": 2, "calibration": 3}
+DEFAULT_SIZES = {"train": 20000, "validation": 600, "test": 600, "calibration": 300}
+METRIC = "exact"
+MAX_NEW_TOKENS = 4
+
+LARGE_PX = (40, 56)
+SMALL_PX = (7, 8)
+
+
+@dataclass
+class Shape:
+    kind: str
+    color: str
+    x: float          # centre
+    y: float
+    size: float       # bounding-box side in px
+    small: bool
+
+
+@dataclass
+class ShapesItem:
+    image: bytes
+    question: str
+    answers: list[str]
+    question_type: str
+    shapes: list[Shape] = field(default_factory=list)
+    index: int = 0
+    split: str = ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Scene layout and drawing
+# ----------------------------------------------------------------------------------------------
+def _place(rng: np.random.Generator, shapes: list[Shape], size: float, small: bool,
+           region: Optional[tuple[float, float, float, float]] = None, gap: float = 6.0) -> tuple[float, float]:
+    """A centre for a new shape that keeps `gap` px from every placed shape (rejection sampling)."""
+    lo, hi = size / 2 + 4, IMAGE_SIZE - size / 2 - 4
+    x0, y0, x1, y1 = region or (lo, lo, hi, hi)
+    x0, y0, x1, y1 = max(x0, lo), max(y0, lo), min(x1, hi), min(y1, hi)
+    for _ in range(400):
+        x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
+        if all(max(abs(x - s.x), abs(y - s.y)) > (size + s.size) / 2 + gap for s in shapes):
+            return float(x), float(y)
+    raise RuntimeError("could not place a shape")  # pragma: no cover - layouts are sparse
+
+
+def _draw(shapes: list[Shape], rng: np.random.Generator) -> bytes:
+    bg = tuple(int(v) for v in rng.integers(235, 256, 3))
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), bg)
+    d = ImageDraw.Draw(img)
+    for s in shapes:
+        c = COLORS[s.color]
+        h = s.size / 2
+        box = [s.x - h, s.y - h, s.x + h, s.y + h]
+        if s.kind == "circle":
+            d.ellipse(box, fill=c)
+        elif s.kind == "square":
+            d.rectangle(box, fill=c)
+        elif s.kind == "triangle":
+            d.polygon([(s.x, s.y - h), (s.x - h, s.y + h), (s.x + h, s.y + h)], fill=c)
+        elif s.kind == "cross":
+            w = max(2, int(round(s.size / 3.5)))
+            d.line([(s.x - h, s.y - h), (s.x + h, s.y + h)], fill=c, width=w)
+            d.line([(s.x - h, s.y + h), (s.x + h, s.y - h)], fill=c, width=w)
+        else:  # pragma: no cover
+            raise ValueError(s.kind)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _large(rng, shapes, kind=None, color=None) -> Shape:
+    size = float(rng.uniform(*LARGE_PX))
+    kind = kind or str(rng.choice(LARGE_SHAPES))
+    color = color or str(rng.choice(list(COLORS)))
+    x, y = _place(rng, shapes, size, False)
+    s = Shape(kind, color, x, y, size, False)
+    shapes.append(s)
+    return s
+
+
+def _small(rng, shapes, kind=None, color=None, region=None) -> Shape:
+    size = float(rng.uniform(*SMALL_PX))
+    kind = kind or str(rng.choice(SMALL_SHAPES))
+    color = color or str(rng.choice(list(COLORS)))
+    x, y = _place(rng, shapes, size, True, region=region, gap=10.0)
+    s = Shape(kind, color, x, y, size, True)
+    shapes.append(s)
+    return s
+
+
+def _background_large(rng, shapes, n_lo=1, n_hi=3, avoid_kind=None) -> None:
+    for _ in range(int(rng.integers(n_lo, n_hi + 1))):
+        kinds = [k for k in LARGE_SHAPES if k != avoid_kind]
+        _large(rng, shapes, kind=str(rng.choice(kinds)))
+
+
+def _background_small(rng, shapes, n_lo=0, n_hi=2, avoid_kind=None, colors=None) -> None:
+    for _ in range(int(rng.integers(n_lo, n_hi + 1))):
+        kinds = [k for k in SMALL_SHAPES if k != avoid_kind]
+        _small(rng, shapes, kind=str(rng.choice(kinds)), color=None if colors is None else str(rng.choice(colors)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Question families
+# ----------------------------------------------------------------------------------------------
+def _q_large_color(rng):
+    shapes: list[Shape] = []
+    kind = str(rng.choice(LARGE_SHAPES))
+    target = _large(rng, shapes, kind=kind)
+    _background_large(rng, shapes, 0, 2, avoid_kind=kind)
+    _background_small(rng, shapes, 1, 4)
+    return shapes, f"What color is the big {kind}?", [target.color]
+
+
+def _q_large_exists(rng):
+    shapes: list[Shape] = []
+    present = bool(rng.integers(0, 2))
+    if present:
+        _large(rng, shapes, kind="circle")
+        _background_large(rng, shapes, 0, 2)
+    else:
+        _background_large(rng, shapes, 1, 3, avoid_kind="circle")
+    _background_small(rng, shapes, 1, 4)  # small circles may exist: only BIG ones count
+    return shapes, "Is there a big circle?", ["yes" if present else "no"]
+
+
+def _q_large_count_color(rng):
+    shapes: list[Shape] = []
+    color = str(rng.choice(list(COLORS)))
+    n = int(rng.integers(0, 4))
+    others = [c for c in COLORS if c != color]
+    for _ in range(n):
+        _large(rng, shapes, color=color)
+    for _ in range(int(rng.integers(max(0, 1 - n), 5 - n))):
+        _large(rng, shapes, color=str(rng.choice(others)))
+    _background_small(rng, shapes, 0, 3)
+    return shapes, f"How many big {color} shapes are there?", [str(n)]
+
+
+def _q_small_color(rng):
+    shapes: list[Shape] = []
+    _background_large(rng, shapes, 1, 2)
+    kinds = list(rng.permutation(SMALL_SHAPES))        # every small shape of a distinct kind and colour
+    colors = list(rng.permutation(list(COLORS)))
+    n = int(rng.integers(3, 5))
+    placed = [_small(rng, shapes, kind=str(kinds[i]), color=str(colors[i])) for i in range(n)]
+    target = placed[int(rng.integers(0, n))]
+    return shapes, f"What color is the small {target.kind}?", [target.color]
+
+
+def _plural(kind: str) -> str:
+    return kind + ("es" if kind.endswith("s") else "s")
+
+
+def _q_small_count(rng):
+    shapes: list[Shape] = []
+    _background_large(rng, shapes, 1, 2)
+    kind = str(rng.choice(SMALL_SHAPES))
+    color = str(rng.choice(list(COLORS)))      # one colour for every small shape: shape must be resolved
+    n = int(rng.integers(1, 4))
+    for _ in range(n):
+        _small(rng, shapes, kind=kind, color=color)
+    _background_small(rng, shapes, 1, 3, avoid_kind=kind, colors=[color])
+    return shapes, f"How many small {_plural(kind)} are there?", [str(n)]
+
+
+def _q_small_corner(rng):
+    shapes: list[Shape] = []
+    m = IMAGE_SIZE / 2
+    regions = [(0, 0, m - 30, m - 30), (m + 30, 0, IMAGE_SIZE, m - 30), (0, m + 30, m - 30, IMAGE_SIZE),
+               (m + 30, m + 30, IMAGE_SIZE, IMAGE_SIZE)]
+    color = str(rng.choice(list(COLORS)))
+    which = int(rng.integers(0, 4))
+    for i, region in enumerate(regions):
+        kind = "cross" if i == which else str(rng.choice(SMALL_SHAPES[:3]))
+        _small(rng, shapes, kind=kind, color=color, region=region)
+    _background_large(rng, shapes, 0, 1)
+    return shapes, "Which corner has the small cross?", [CORNERS[which]]
+
+
+_FAMILY_FN = {
+    "large_color": _q_large_color,
+    "large_exists": _q_large_exists,
+    "large_count_color": _q_large_count_color,
+    "small_color": _q_small_color,
+    "small_count": _q_small_count,
+    "small_corner": _q_small_corner,
+}
+
+
+def make_item(index: int, split: str = "train", seed: int = 0, family: Optional[str] = None) -> ShapesItem:
+    """Sample `index` of `split` (families cycle by index, so every family is present in any 6
+    consecutive samples). Deterministic in (seed, split, index)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown shapes split {split!r}; splits: {sorted(SPLITS)}")
+    rng = np.random.default_rng([int(seed), SPLITS[split], int(index), 0x5A4E])
+    fam = family or FAMILIES[index % len(FAMILIES)]
+    shapes, question, answers = _FAMILY_FN[fam](rng)
+    return ShapesItem(image=_draw(shapes, rng), question=question, answers=answers, question_type=fam,
+                      shapes=shapes, index=index, split=split)
+
+
+def answer_from_scene(question_type: str, question: str, shapes: list[Shape]) -> str:
+    """Recompute the answer from the drawn shapes (the tests check it against the stored answers)."""
+    words = question.rstrip("?").split()
+    large = [s for s in shapes if not s.small]
+    small = [s for s in shapes if s.small]
+    if question_type == "large_color":
+        (s,) = [s for s in large if s.kind == words[-1]]
+        return s.color
+    if question_type == "large_exists":
+        return "yes" if any(s.kind == "circle" for s in large) else "no"
+    if question_type == "large_count_color":
+        return str(sum(s.color == words[3] for s in large))
+    if question_type == "small_color":
+        (s,) = [s for s in small if s.kind == words[-1]]
+        return s.color
+    if question_type == "small_count":
+        kind = words[3][:-2] if words[3].endswith("ses") else words[3][:-1]
+        return str(sum(s.kind == kind for s in small))
+    if question_type == "small_corner":
+        (s,) = [s for s in small if s.kind == "cross"]
+        return ("top" if s.y < IMAGE_SIZE / 2 else "bottom") + " " + ("left" if s.x < IMAGE_SIZE / 2 else "right")
+    raise ValueError(question_type)
+
+
+# ----------------------------------------------------------------------------------------------
+# datasets.Dataset and Sample views
+# ----------------------------------------------------------------------------------------------
+def shapes_items(split: str, n: int, seed: int = 0, start: int = 0) -> list[ShapesItem]:
+    return [make_item(i, split, seed) for i in range(start, start + n)]
+
+
+def shapes_dataset(split: str = "validation", n: Optional[int] = None, seed: int = 0):
+    """The split as a `datasets.Dataset` with columns image (PNG bytes), question, answers,
+    question_type, metric, sample_id."""
+    import datasets
+    n = DEFAULT_SIZES[split] if n is None else int(n)
+    items = shapes_items(split, n, seed)
+    return datasets.Dataset.from_dict({
+        "sample_id": [_sample_id(split, seed, it.index) for it in items],
+        "image": [it.image for it in items],
+        "question": [it.question for it in items],
+        "answers": [list(it.answers) for it in items],
+        "question_type": [it.question_type for it in items],
+        "metric": [METRIC] * len(items),
+    })
+
+
+def _sample_id(split: str, seed: int, index: int) -> str:
+    return f"shapes-s{seed}-{split}-{index}"
+
+
+def shapes_samples(split: str = "validation", n: Optional[int] = None, seed: int = 0):
+    """The split as `list[shared.backend.Sample]`."""
+    from shared.backend import Sample
+    n = DEFAULT_SIZES[split] if n is None else int(n)
+    return [Sample(sample_id=_sample_id(split, seed, it.index), question=it.question, answers=list(it.answers),
+                   metric=METRIC, question_type=it.question_type, source="shapes", image=it.image,
+                   max_new_tokens=MAX_NEW_TOKENS)
+            for it in shapes_items(split, n, seed)]
+
+
+_SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "calib": "calibration"}
+
+
+def load_shapes(source, split: str, cfg) -> list:
+    """LOADERS["shapes"]: loader(source_cfg, split, run_cfg) -> list[Sample]. Size: source.max_samples
+    or the split's default; seed: source.seed."""
+    split = _SPLIT_ALIASES.get(split, split)
+    n = int(getattr(source, "max_samples", 0) or 0) or DEFAULT_SIZES.get(split, 600)
+    return shapes_samples(split, n, int(getattr(source, "seed", 0) or 0))
+
+
+def _register() -> None:
+    from shared.datasets import LOADERS
+    LOADERS.setdefault("shapes", load_shapes)
+
+
+_register()
