@@ -1,6 +1,6 @@
 """Per-block importance of the frozen LLM by ablation, written as the ImportanceScores JSON the knobs read.
 
-    python jobs/compute_importance.py --config jobs/configs/X.yaml [--split train] [--max-samples 200]
+    python jobs/compute_importance.py --config jobs/configs/X.yaml [--split calibration] [--max-samples 200]
                                       [--out PATH] [overrides key.sub=value ...]
 
 For every sample of the split (full compute: the largest tier, native top_k, every block), and then
@@ -194,9 +194,10 @@ def default_out(cfg) -> Path:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="run config YAML (model, data sources)")
-    ap.add_argument("--split", default="train",
-                    help="'train'/'val' = each source's split/val_split; another name (e.g. 'calibration') is "
-                         "passed to the loaders (default: train)")
+    ap.add_argument("--split", default="calibration",
+                    help="'train'/'val' = each source's split/val_split; another name is passed to the loaders "
+                         "as is (default: calibration, the shapes set's held-out calibration split; real data "
+                         "sets have none: use train)")
     ap.add_argument("--max-samples", type=int, default=200, help="samples per source (0 = all; default 200)")
     ap.add_argument("--out", help="output JSON (default: model.importance_scores, else <checkpoint>/importance.json)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
           f"{full['loss']:.4f}, accuracy {full['accuracy']:.3f}")
     for b in report["blocks"]:
         print(f"  block {b['block']:2d}: loss {b['loss']:.4f} ({b['loss_increase']:+.4f})  accuracy "
-              f"{b['accuracy']:.3f} ({-b['accuracy_drop']:+.3f})  score {b['score']:+.6f}"
+              f"{b['accuracy']:.3f} ({b['accuracy'] - full['accuracy']:+.3f})  score {b['score']:+.6f}"
               f"{'  (always kept)' if b['always_kept'] else ''}")
     print(f"[importance] removal order (least important first): {report['removal_order']}")
     print(f"[importance] wrote {out} in {report['seconds']}s")
