@@ -646,7 +646,7 @@ def parse_args(argv=None):
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the accuracy intervals")
     p.add_argument("--out", help="output folder (default: <run>/eval)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
