@@ -9,9 +9,10 @@ Usage:
 
 CHECKPOINT_OR_RUN_DIR is a run folder (uses its bundle/, or its latest checkpoint when no bundle was
 exported), a bundle folder (bundle.json + controller.safetensors) or a checkpoint folder
-(checkpoints/step-N). The config is the run's config.yaml unless --config is given. The bundle's metadata
-(model, engine, device, calibration, knob spaces, importance hash, budget normalisation, controller
-sizes) must match what this config and this machine's backend would produce (`jobs.train.bundle_metadata`);
+(checkpoints/step-N). The config is the run's config.yaml unless --config is given, with
+`budget.calibration` applied (so the budget grid is the calibrated range). The bundle's metadata (model,
+engine, device, calibration, knob spaces, importance hash, budget normalisation, controller sizes) must
+match what this config and this machine's backend would produce (`jobs.train.bundle_metadata`);
 otherwise the evaluation is refused: budgets in ms are engine- and GPU-specific.
 
 What is compared, on the held-out split (--split test|val) at --budgets budgets evenly spaced over
@@ -45,7 +46,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:          # `python jobs/evaluate.py` from a checkout
@@ -208,7 +209,8 @@ class Progress:
 # Running: in-process or over Ray actors
 # ----------------------------------------------------------------------------------------------
 def _numpy_state(state: dict) -> dict:
-    return {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in state.items()}
+    return {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
+            for k, v in state.items()}
 
 
 def run_in_process(cfg, target: Target, items: list, budgets: list[float], progress: Progress,
@@ -241,8 +243,8 @@ def _init_ray(cfg, address: Optional[str], workers: int) -> dict:
     return env
 
 
-def run_ray(cfg, target: Target, items: list, budgets: list[float], progress: Progress, check: Callable[[dict], None],
-            workers: int, address: Optional[str] = None, chunk: int = 0,
+def run_ray(cfg, target: Target, items: list, budgets: list[float], progress: Progress,
+            check: Callable[[dict], None], workers: int, address: Optional[str] = None, chunk: int = 0,
             timeout_s: float = 3600.0) -> tuple[list[dict], dict]:
     """Shard the samples over `workers` Ray actors (one backend each), handing out chunks as they finish."""
     import ray
@@ -309,12 +311,13 @@ def build_report(results: list[dict], statics: list, budgets: list[float], *, nu
     """
     test = [r for r in results if r["role"] == "test" and "error" not in r]
     prof = [r for r in results if r["role"] == "profile" and "error" not in r]
-    failed = [{"sample_id": r["sample_id"], "role": r["role"], "error": r["error"]} for r in results if "error" in r]
+    failed = [{"sample_id": r["sample_id"], "role": r["role"], "error": r["error"]}
+              for r in results if "error" in r]
+    first = f"; first error: {failed[0]['error']}" if failed else ""
     if not test:
-        raise EvalError("no test sample could be evaluated" + (f"; first error: {failed[0]['error']}" if failed else ""))
+        raise EvalError("no test sample could be evaluated" + first)
     if not prof:
-        raise EvalError("no profiling sample could be evaluated" +
-                        (f"; first error: {failed[0]['error']}" if failed else ""))
+        raise EvalError("no profiling sample could be evaluated" + first)
     names = [static_name(c) for c in statics]
     s_acc = np.array([r["static"]["accuracy"] for r in test]).T            # [C, N]
     s_lat = np.array([r["static"]["latency_ms"] for r in test]).T          # [C, N]
@@ -340,7 +343,7 @@ def build_report(results: list[dict], statics: list, budgets: list[float], *, nu
 
     rows, per_budget = [], []
     for b_idx, b in enumerate(budgets):
-        def row(policy: str, kind: str, acc, lat, **extra) -> dict:
+        def row(policy: str, kind: str, acc, lat, b=b, **extra) -> dict:
             return {"budget_ms": float(b), "policy": policy, "kind": kind, **extra,
                     **em.policy_metrics(acc, lat, b, **kw)}
         look, fits = em.lookup_choice(prof_acc, prof_p95, b)
@@ -352,14 +355,15 @@ def build_report(results: list[dict], statics: list, budgets: list[float], *, nu
         if best is not None:
             best_row = row("best_static_meeting", "oracle", s_acc[best], s_lat[best], combination=names[best])
         else:
-            best_row = {"budget_ms": float(b), "policy": "best_static_meeting", "kind": "oracle", "combination": None,
-                        "n": 0, "accuracy": None, "accuracy_ci": [None, None], "attainment": None, "violations": 0,
-                        "mean_latency_ms": None, "p95_latency_ms": None, "mean_overrun_ms": None,
-                        "mean_overrun_rel": None}
+            best_row = {"budget_ms": float(b), "policy": "best_static_meeting", "kind": "oracle",
+                        "combination": None, "n": 0, "accuracy": None, "accuracy_ci": [None, None],
+                        "attainment": None, "violations": 0, "mean_latency_ms": None,
+                        "p95_latency_ms": None, "mean_overrun_ms": None, "mean_overrun_rel": None}
         rows.append(best_row)
         rows.append(row("random", "random", r_acc[b_idx], r_lat[b_idx]))
         for i, name in enumerate(names):
-            rows.append(row(name, "static", s_acc[i], s_lat[i], combination=name, meets=bool(prof_p95[i] <= b)))
+            rows.append(row(name, "static", s_acc[i], s_lat[i], combination=name,
+                            meets=bool(prof_p95[i] <= b)))
         knobs = [r["controller"]["knobs"][b_idx] for r in test]
         segs = [r["controller"]["segments_ms"][b_idx] for r in test]
         seg_mean = {k: float(np.mean([s.get(k, 0.0) for s in segs])) for k in segs[0]} if segs else {}
@@ -380,7 +384,8 @@ def build_report(results: list[dict], statics: list, budgets: list[float], *, nu
         entry["aim"] = {
             "accuracy_ok": target_acc is None or ctl_row["accuracy"] >= target_acc,
             "attainment_ok": ctl_row["attainment"] >= AIM_ATTAINMENT,
-            "accuracy_shortfall": (None if target_acc is None else max(0.0, target_acc - ctl_row["accuracy"])),
+            "accuracy_shortfall": (None if target_acc is None
+                                   else max(0.0, target_acc - ctl_row["accuracy"])),
             "attainment_shortfall": max(0.0, AIM_ATTAINMENT - ctl_row["attainment"])}
         entry["aim"]["met"] = entry["aim"]["accuracy_ok"] and entry["aim"]["attainment_ok"]
         per_budget.append(entry)
@@ -391,9 +396,11 @@ def build_report(results: list[dict], statics: list, budgets: list[float], *, nu
         "aim_met_budgets": int(sum(e["aim"]["met"] for e in per_budget)),
         "controller_mean_accuracy": float(np.mean([r["accuracy"] for r in ctl_rows])),
         "controller_min_attainment": float(min(r["attainment"] for r in ctl_rows)),
-        "lookup_mean_accuracy": float(np.mean([r["accuracy"] for r in rows if r["policy"] == "lookup_table"])),
+        "lookup_mean_accuracy": float(np.mean([r["accuracy"] for r in rows
+                                                if r["policy"] == "lookup_table"])),
         "random_mean_accuracy": float(np.mean([r["accuracy"] for r in rows if r["policy"] == "random"])),
-        "aim": f"controller accuracy >= best static combination meeting the budget, attainment >= {AIM_ATTAINMENT}",
+        "aim": (f"controller accuracy >= best static combination meeting the budget, "
+                f"attainment >= {AIM_ATTAINMENT}"),
     }
     return {"budgets_ms": [float(b) for b in budgets],
             "policies": ["controller", "lookup_table", "best_static_meeting", "random"] + names,
@@ -432,12 +439,13 @@ def markdown(report: dict) -> str:
         lines += [f"- {len(report['failed_samples'])} sample(s) dropped (bad input), e.g. "
                   f"{report['failed_samples'][0]['sample_id']}: {report['failed_samples'][0]['error']}", ""]
     lines += ["## Accuracy and attainment per budget", "",
-              "| budget ms | controller acc [95% CI] | attain | lookup table | acc | attain | best static meeting | "
-              "acc | attain | random acc | attain | aim |",
+              "| budget ms | controller acc [95% CI] | attain | lookup table | acc | attain "
+              "| best static meeting | acc | attain | random acc | attain | aim |",
               "|---:|---|---:|---|---:|---:|---|---:|---:|---:|---:|---|"]
     for e in report["per_budget"]:
         b = e["budget_ms"]
-        c, lk, bs, rd = by[(b, "controller")], by[(b, "lookup_table")], by[(b, "best_static_meeting")], by[(b, "random")]
+        c, lk = by[(b, "controller")], by[(b, "lookup_table")]
+        bs, rd = by[(b, "best_static_meeting")], by[(b, "random")]
         look = _short(lk["combination"]) + ("" if lk["fits"] else " (none fits)")
         aim = e["aim"]
         why = []
@@ -445,10 +453,12 @@ def markdown(report: dict) -> str:
             why.append(f"acc -{aim['accuracy_shortfall']:.3f}")
         if not aim["attainment_ok"]:
             why.append(f"attain -{aim['attainment_shortfall']:.3f}")
-        lines.append(f"| {b:.0f} | {_f(c['accuracy'])} [{_f(c['accuracy_ci'][0])}, {_f(c['accuracy_ci'][1])}] | "
+        lines.append(f"| {b:.0f} | {_f(c['accuracy'])} "
+                     f"[{_f(c['accuracy_ci'][0])}, {_f(c['accuracy_ci'][1])}] | "
                      f"{_f(c['attainment'])} | {look} | {_f(lk['accuracy'])} | {_f(lk['attainment'])} | "
                      f"{_short(bs.get('combination'))} | {_f(bs['accuracy'])} | {_f(bs['attainment'])} | "
-                     f"{_f(rd['accuracy'])} | {_f(rd['attainment'])} | {'met' if aim['met'] else ', '.join(why)} |")
+                     f"{_f(rd['accuracy'])} | {_f(rd['attainment'])} | "
+                     f"{'met' if aim['met'] else ', '.join(why)} |")
     lines += ["", "## Latency per budget (mean / p95 ms; mean overrun of the violations)", "",
               "| budget ms | controller | overrun ms | lookup table | overrun ms | random | overrun ms | "
               "controller - lookup acc [95% CI] |", "|---:|---|---:|---|---:|---|---:|---|"]
@@ -463,7 +473,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {b:.0f} | " + " | ".join(cells) +
                      f" | {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |")
     lines += ["", "## Controller knob choices per budget (counts)", "",
-              "| budget ms | tier | p | top_k | num_blocks | most frequent setting |", "|---:|---|---|---|---|---|"]
+              "| budget ms | tier | p | top_k | num_blocks | most frequent setting |",
+              "|---:|---|---|---|---|---|"]
     for e in report["per_budget"]:
         k = e["controller_knobs"]
         cell = lambda d: ", ".join(f"{v}: {n}" for v, n in d.items())  # noqa: E731
@@ -471,12 +482,14 @@ def markdown(report: dict) -> str:
         lines.append(f"| {e['budget_ms']:.0f} | {cell(k['tier'])} | {cell(k['p'])} | {cell(k['top_k'])} | "
                      f"{cell(k['num_blocks'])} | {top['knobs']} ({top['count']}) |")
     lines += ["", f"## Static combinations (p = {m['static_p']})", "",
-              "| combination | profiling p95 ms | profiling acc | test acc [95% CI] | test mean ms | meets budgets |",
+              "| combination | profiling p95 ms | profiling acc | test acc [95% CI] | test mean ms "
+              "| meets budgets |",
               "|---|---:|---:|---|---:|---:|"]
     for s in sorted(report["static_profile"], key=lambda s: s["profile_p95_ms"]):
         meets = sum(1 for b in report["budgets_ms"] if s["profile_p95_ms"] <= b)
         lines.append(f"| {_short(s['name'])} | {s['profile_p95_ms']:.1f} | {s['profile_accuracy']:.3f} | "
-                     f"{s['test_accuracy']:.3f} [{s['test_accuracy_ci'][0]:.3f}, {s['test_accuracy_ci'][1]:.3f}] | "
+                     f"{s['test_accuracy']:.3f} "
+                     f"[{s['test_accuracy_ci'][0]:.3f}, {s['test_accuracy_ci'][1]:.3f}] | "
                      f"{s['test_mean_ms']:.1f} | {meets}/{len(report['budgets_ms'])} |")
     lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in PLOTS] + [""]
     return "\n".join(lines)
@@ -606,9 +619,9 @@ def evaluate(target: Target, cfg, *, budgets: int = 8, split: str = "test", prof
     def check(info: dict) -> None:
         check_bundle_meta(target.meta, expected_meta(cfg, info, target.meta.get("policy_version", 0)))
 
-    print_fn(f"[eval] {target.source}: {len(test)} held-out ({split}) + {len(prof)} profiling ({profile_split}) "
-             f"samples, {len(grid)} budgets {grid[0]:.0f}..{grid[-1]:.0f} ms, {len(statics)} static combinations, "
-             f"{workers} worker(s)")
+    print_fn(f"[eval] {target.source}: {len(test)} held-out ({split}) + {len(prof)} profiling "
+             f"({profile_split}) samples, {len(grid)} budgets {grid[0]:.0f}..{grid[-1]:.0f} ms, "
+             f"{len(statics)} static combinations, {workers} worker(s)")
     bar = Progress(len(items), enabled=progress)
     if workers > 1:
         results, info = run_ray(cfg, target, items, grid, bar, check, workers, address)
@@ -617,9 +630,11 @@ def evaluate(target: Target, cfg, *, budgets: int = 8, split: str = "test", prof
     report = build_report(results, statics, grid, num_resamples=bootstrap, seed=cfg.system.seed)
     wall = time.monotonic() - t0
     runs = len(test) * (len(statics) + 2 * len(grid)) + len(prof) * len(statics)
-    report["meta"] = {"source": str(target.source), "run_dir": str(target.run_dir) if target.run_dir else None,
-                      "backend": info, "split": split, "profile_split": profile_split, "static_p": cfg.knobs.static_p,
-                      "budget_range_ms": [cfg.budget.min_ms, cfg.budget.max_ms], "bootstrap_resamples": bootstrap,
+    report["meta"] = {"source": str(target.source),
+                      "run_dir": str(target.run_dir) if target.run_dir else None,
+                      "backend": info, "split": split, "profile_split": profile_split,
+                      "static_p": cfg.knobs.static_p, "bootstrap_resamples": bootstrap,
+                      "budget_range_ms": [cfg.budget.min_ms, cfg.budget.max_ms],
                       "policy_version": target.meta.get("policy_version"), "workers": workers, "wall_s": wall,
                       "requests": runs, "requests_per_s": runs / max(wall, 1e-9),
                       "bundle_meta": target.meta}
@@ -630,10 +645,12 @@ def evaluate(target: Target, cfg, *, budgets: int = 8, split: str = "test", prof
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", metavar="CHECKPOINT_OR_RUN_DIR", help="run folder, bundle folder or checkpoint folder")
+    p.add_argument("target", metavar="CHECKPOINT_OR_RUN_DIR",
+                   help="run folder, bundle folder or checkpoint folder")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     p.add_argument("--config", help="config YAML (default: the run's config.yaml)")
-    p.add_argument("--budgets", type=int, default=8, help="budgets on the grid over [budget.min_ms, max_ms] (8)")
+    p.add_argument("--budgets", type=int, default=8,
+                   help="budgets on the grid over [budget.min_ms, max_ms] (8)")
     p.add_argument("--split", choices=["test", "val"], default="test", help="held-out split (test)")
     p.add_argument("--profile-split", choices=["train", "val", "test"], default="train",
                    help="split that profiles the static combinations for the lookup table (train)")
@@ -643,7 +660,8 @@ def parse_args(argv=None):
                    help="a run's exported bundle (final) or its best-by-validation controller (best)")
     p.add_argument("--workers", type=int, default=1, help="Ray actors to shard samples over (1 = in-process)")
     p.add_argument("--address", help="Ray address for --workers > 1 (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the accuracy intervals")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the accuracy intervals")
     p.add_argument("--out", help="output folder (default: <run>/eval)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     return p.parse_intermixed_args(argv)
@@ -657,11 +675,13 @@ def main(argv=None) -> int:
         cfg_path = Path(args.config) if args.config else target.config_path
         if cfg_path is None:
             raise EvalError(f"{args.target} is not inside a run folder: pass --config")
-        cfg = load_config(cfg_path, args.overrides)
+        from shared.calibration import apply_calibration
+        cfg = apply_calibration(load_config(cfg_path, args.overrides))   # the calibrated budget range
         from jobs.train import _set_env
         _set_env(cfg)
-        report = evaluate(target, cfg, budgets=args.budgets, split=args.split, profile_split=args.profile_split,
-                          samples=args.samples, profile_samples=args.profile_samples, workers=max(1, args.workers),
+        report = evaluate(target, cfg, budgets=args.budgets, split=args.split,
+                          profile_split=args.profile_split, samples=args.samples,
+                          profile_samples=args.profile_samples, workers=max(1, args.workers),
                           address=args.address, out_dir=Path(args.out) if args.out else None,
                           bootstrap=args.bootstrap, progress=not args.no_progress)
     except (CheckpointError, ConfigError, EvalError, ValueError) as exc:

@@ -1,7 +1,7 @@
 """Answer one request with a trained controller: the answer, the chosen knobs and the segment latencies.
 
 Usage:
-    python jobs/infer.py runs/default/bundle --image cat.jpg --question "what colour is the cat?" --budget-ms 250
+    python jobs/infer.py runs/default/bundle --image cat.jpg --question "what colour is it?" --budget-ms 250
     python jobs/infer.py runs/default --image cat.jpg --question "..." --budget-ms 250 --json
     python jobs/infer.py BUNDLE --config my.yaml --image X --question Y --budget-ms Z [key.sub=value ...]
 
@@ -44,7 +44,8 @@ def parse_args(argv=None):
 def format_result(r: dict) -> str:
     k = r["knobs"]
     seg = " | ".join(f"{name.removesuffix('_ms')} {ms:.2f}" for name, ms in r["segments_ms"].items())
-    status = "within budget" if r["within_budget"] else f"OVER budget by {r['latency_ms'] - r['budget_ms']:.1f} ms"
+    over = r["latency_ms"] - r["budget_ms"]
+    status = "within budget" if r["within_budget"] else f"OVER budget by {over:.1f} ms"
     return "\n".join([
         f"answer: {r['answer']}",
         f"knobs: tier={k['tier']} (max_crops {k['max_crops']}), p={k['p']}, top_k={k['top_k']}, "

@@ -49,14 +49,16 @@ def resolve_bundle_dir(path: str | Path) -> Path:
 
 
 def load_serving_config(bundle_dir: Path, config: Any = None, overrides: Sequence[str] = ()):
-    """`config` as a RunConfig, a YAML path, or None (the run's config.yaml next to the bundle)."""
+    """`config` as a RunConfig, a YAML path, or None (the run's config.yaml next to the bundle), with its
+    `budget.calibration` applied (shared.calibration.apply_calibration; a no-op without one)."""
+    from shared.calibration import apply_calibration
     from shared.config import RunConfig, load_config
     if isinstance(config, RunConfig):
-        return config
+        return apply_calibration(config)
     path = Path(config) if config else bundle_dir.parent / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no config: {path} does not exist (pass the run's config.yaml)")
-    return load_config(path, overrides)
+    return apply_calibration(load_config(path, overrides))
 
 
 class BudgetedModel:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from jobs import evaluate as ev
-from learner.checkpoint import CheckpointError, export_bundle
+from learner.checkpoint import export_bundle
 from rollout_workers.evaluation import EvalRunner, UniformPolicy
 from shared import eval_metrics as em
 from shared.config import load_config
@@ -65,7 +65,8 @@ def test_outputs_have_every_policy_at_every_budget(evaluated, run_dir):
     statics = KnobSpace.from_config(cfg.knobs, cfg.model).static_choices(cfg.knobs.static_p)
     assert len(report["static_profile"]) == len(statics) == 75
     budgets = report["budgets_ms"]
-    assert budgets == pytest.approx([cfg.budget.min_ms, (cfg.budget.min_ms + cfg.budget.max_ms) / 2, cfg.budget.max_ms])
+    lo, hi = cfg.budget.min_ms, cfg.budget.max_ms
+    assert budgets == pytest.approx([lo, (lo + hi) / 2, hi])
     assert report["num_test_samples"] == 12 and report["num_profile_samples"] == 12
     assert report["meta"]["split"] == "test" and report["meta"]["profile_split"] == "train"
     rows = Counter((r["budget_ms"], r["policy"]) for r in report["rows"])
@@ -106,12 +107,14 @@ def test_lookup_table_follows_profiling_p95(evaluated):
         fitting = [s for s in prof.values() if s["profile_p95_ms"] <= b]
         if fitting:
             assert look["fits"] and prof[look["combination"]]["profile_p95_ms"] <= b
-            assert prof[look["combination"]]["profile_accuracy"] == max(s["profile_accuracy"] for s in fitting)
+            chosen = prof[look["combination"]]
+            assert chosen["profile_accuracy"] == max(s["profile_accuracy"] for s in fitting)
             best = e["best_static_meeting"]["combination"]
             assert prof[best]["test_accuracy"] == max(s["test_accuracy"] for s in fitting)
         else:
             assert not look["fits"] and e["best_static_meeting"] is None
-            assert prof[look["combination"]]["profile_p95_ms"] == min(s["profile_p95_ms"] for s in prof.values())
+            fastest = min(s["profile_p95_ms"] for s in prof.values())
+            assert prof[look["combination"]]["profile_p95_ms"] == fastest
 
 
 def test_markdown_and_plots(evaluated):
@@ -177,7 +180,8 @@ def test_policy_metrics_by_hand():
     assert m["p95_latency_ms"] == pytest.approx(np.quantile([90, 110, 130, 100], 0.95))
     assert 0.0 <= m["accuracy_ci"][0] <= 0.75 <= m["accuracy_ci"][1] <= 1.0
     clean = em.policy_metrics(np.ones(3), np.full(3, 50.0), 100.0)
-    assert clean["mean_overrun_ms"] is None and clean["attainment"] == 1.0 and clean["accuracy_ci"] == [1.0, 1.0]
+    assert clean["mean_overrun_ms"] is None and clean["attainment"] == 1.0
+    assert clean["accuracy_ci"] == [1.0, 1.0]
 
 
 def test_bootstrap_ci_covers_and_narrows():
@@ -225,8 +229,9 @@ def test_uniform_policy_is_uniform_over_feasible_options():
     n = 12000
     for _ in range(n):
         t, p = pol.act_stage1(f1, generator=gen)
-        f2 = Stage2Features(latency_state=np.zeros(cfg.model.d_model, np.float32), p_idx=p.index, vision_tokens=1,
-                            spent_frac=0.1, nb_mask=space.num_blocks_feasible(space.positions[p.index]))
+        f2 = Stage2Features(latency_state=np.zeros(cfg.model.d_model, np.float32), p_idx=p.index,
+                            vision_tokens=1, spent_frac=0.1,
+                            nb_mask=space.num_blocks_feasible(space.positions[p.index]))
         k, nb = pol.act_stage2(200.0, f2, generator=gen)
         assert f1.tier_mask[t.index] and f2.nb_mask[nb.index]
         total_logp = t.log_prob + p.log_prob + k.log_prob + nb.log_prob

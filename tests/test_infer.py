@@ -83,13 +83,13 @@ def synthetic(tmp_path_factory):
 def test_molmoe_answer_with_image(molmoe):
     d, model = molmoe
     out = model.answer(png_bytes(), "what colour is the circle", 150.0)
-    assert set(out) >= {"answer", "knobs", "segments_ms", "latency_ms", "budget_ms", "within_budget", "num_crops",
-                        "vision_tokens"}
+    assert set(out) >= {"answer", "knobs", "segments_ms", "latency_ms", "budget_ms", "within_budget",
+                        "num_crops", "vision_tokens"}
     k = out["knobs"]
     space = model.space
     assert k["tier"] in space.tier_names and k["p"] in space.positions and k["top_k"] in space.top_ks
-    assert k["num_blocks"] in space.num_blocks and k["max_crops"] == dict(zip(space.tier_names,
-                                                                              space.tier_max_crops))[k["tier"]]
+    assert k["num_blocks"] in space.num_blocks
+    assert k["max_crops"] == space.tier_max_crops[space.tier_names.index(k["tier"])]
     assert list(out["segments_ms"]) == list(SEGMENT_ORDER)
     assert all(v >= 0 for v in out["segments_ms"].values())
     assert out["latency_ms"] == pytest.approx(sum(out["segments_ms"].values()), rel=0.05, abs=0.5)
@@ -132,10 +132,11 @@ def test_cli_molmoe(molmoe, tmp_path, capsys):
     d, _ = molmoe
     img = tmp_path / "img.png"
     img.write_bytes(png_bytes(seed=1))
-    assert infer.main([str(d / "bundle"), "--image", str(img), "--question", "what shape", "--budget-ms", "120",
-                       "--json"]) == 0
+    assert infer.main([str(d / "bundle"), "--image", str(img), "--question", "what shape",
+                       "--budget-ms", "120", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["backend"] == "molmoe" and out["vision_tokens"] > 0 and list(out["segments_ms"]) == list(SEGMENT_ORDER)
+    assert out["backend"] == "molmoe" and out["vision_tokens"] > 0
+    assert list(out["segments_ms"]) == list(SEGMENT_ORDER)
     bad = tmp_path / "bad.png"
     bad.write_bytes(png_bytes()[:100])
     assert infer.main([str(d), "--image", str(bad), "--question", "what shape", "--budget-ms", "120"]) == 2
