@@ -96,6 +96,12 @@ def _place(rng: np.random.Generator, shapes: list[Shape], size: float, small: bo
 
 
 def _draw(shapes: list[Shape], rng: np.random.Generator) -> bytes:
+    buf = io.BytesIO()
+    _render(shapes, rng).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _render(shapes: list[Shape], rng: np.random.Generator) -> Image.Image:
     bg = tuple(int(v) for v in rng.integers(235, 256, 3))
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), bg)
     d = ImageDraw.Draw(img)
@@ -115,9 +121,7 @@ def _draw(shapes: list[Shape], rng: np.random.Generator) -> bytes:
             d.line([(s.x - h, s.y + h), (s.x + h, s.y - h)], fill=c, width=w)
         else:  # pragma: no cover
             raise ValueError(s.kind)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+    return img
 
 
 def _large(rng, shapes, kind=None, color=None) -> Shape:
@@ -250,6 +254,17 @@ def make_item(index: int, split: str = "train", seed: int = 0, family: Optional[
     shapes, question, answers = _FAMILY_FN[fam](rng)
     return ShapesItem(image=_draw(shapes, rng), question=question, answers=answers, question_type=fam,
                       shapes=shapes, index=index, split=split)
+
+
+def render_item(index: int, split: str = "train", seed: int = 0) -> tuple[np.ndarray, str, list[str], str]:
+    """The same sample as `make_item` without PNG encoding (training): (RGB uint8 [224, 224, 3],
+    question, answers, question_type). Identical pixels to decoding `make_item(...).image`."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown shapes split {split!r}; splits: {sorted(SPLITS)}")
+    rng = np.random.default_rng([int(seed), SPLITS[split], int(index), 0x5A4E])
+    fam = FAMILIES[index % len(FAMILIES)]
+    shapes, question, answers = _FAMILY_FN[fam](rng)
+    return np.asarray(_render(shapes, rng)), question, answers, fam
 
 
 def answer_from_scene(question_type: str, question: str, shapes: list[Shape]) -> str:

@@ -62,3 +62,12 @@ def test_loader_registered():
     assert not {s.sample_id for s in out} & {s.sample_id for s in val}
     with pytest.raises(ValueError):
         LOADERS["shapes"](src, "nope", None)
+
+
+def test_render_matches_png():
+    import numpy as np
+    for i in range(6):
+        arr, q, a, fam = shapes.render_item(i, "train", 1)
+        it = shapes.make_item(i, "train", 1)
+        assert (q, a, fam) == (it.question, it.answers, it.question_type)
+        assert np.array_equal(arr, np.asarray(Image.open(io.BytesIO(it.image)).convert("RGB")))
