@@ -118,6 +118,8 @@ def run_job(cfg, *, resume: bool = False, on_status: Optional[Callable] = None, 
 
 
 def assert_state_equal(a, b, path="state"):
+    """Recursive equality of state dicts (optimizer, controller), tensors compared exactly."""
+    import torch
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
         assert torch.equal(a, b), f"{path} differs"
