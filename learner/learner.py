@@ -179,6 +179,7 @@ class Learner:
     def submit_validation(self, worker_id: int, round_id: int, sample_id: str, budget_ms: float,
                           result: Optional[dict]) -> None:
         """One greedy validation rollout (None = it failed: counted, excluded from the mean)."""
+        self.last_group_at = self.clock()    # progress: a long validation round is not a stall
         key = (sample_id, float(budget_ms))
         self.val_leases.pop(key, None)
         if round_id != self.val_round:

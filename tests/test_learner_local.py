@@ -305,3 +305,23 @@ def test_validation_writes_a_best_checkpoint(tmp_path):
     # Records carry only train samples (validation rollouts are not training data).
     rows = pq.read_table(tmp_path / "records" / "part-000000.parquet").to_pylist()
     assert not {r["sample_id"] for r in rows} & set(learner.val_ids)
+
+
+def test_validation_results_count_as_progress(tmp_path):
+    """The driver's stall timeout reads `since_last_group_s`: validation results are progress too."""
+    now = [0.0]
+    cfg = make_cfg(tmp_path, "system.validate_every=1", "grpo.groups_per_update=1")
+    ws = [RolloutWorker(cfg, 0)]
+    train, val = ws[0].sample_ids()
+    learner = Learner(cfg, str(tmp_path), train, val, ws[0].info(), clock=lambda: now[0])
+    sid = learner.next_task(0)["sample_id"]
+    learner.submit_group(0, sid, group_rows(ws[0], sid, 0), [])       # update 1 -> validation round 0
+    assert learner.val_pending
+    for _ in range(len(learner.val_pending)):
+        now[0] += 100.0                                                # each greedy rollout takes long
+        task = learner.next_task(0)
+        assert task["kind"] == "val"
+        learner.submit_validation(0, task["round"], task["sample_id"], task["budget_ms"],
+                                  {"reward": 0.5, "accuracy": 1.0, "within_budget": True, "latency_ms": 1.0})
+        assert learner.status()["since_last_group_s"] == 0.0
+    assert learner.val_history and learner.val_history[-1]["rollouts"] == 3 * cfg.data.val_samples
