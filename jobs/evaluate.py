@@ -146,26 +146,27 @@ def expected_meta(cfg, backend_info: dict, policy_version: int = 0) -> dict:
 # Data: held-out split and a separate profiling split
 # ----------------------------------------------------------------------------------------------
 def load_split(cfg, split: str, limit: int = 0, seed: int = 0) -> list:
-    """Samples of `split` ("train", "val" or "test") of the configured mixture, at most `limit` (0 = all).
+    """Samples of `split` of the configured mixture, at most `limit` (0 = all).
 
-    "test" reads each source's split named "test". Generated data sets size their held-out splits by
-    data.val_samples, so it is raised to `limit` here (this does not change any bundle metadata).
-    A "train" subset is drawn evenly at random (seeded); held-out splits keep their first `limit`.
+    "train" and "val" are each source's `split` / `val_split`; any other name ("test", "calibration")
+    is read as that split of every source. Each source is asked for at most `limit` samples (its
+    `max_samples`), so a large training split is not generated whole; generated data sets size their
+    held-out splits by data.val_samples, which is raised to `limit` here (neither changes any bundle
+    metadata). Over `limit` in total (several sources), a seeded random subset in the original order.
     """
     from shared.datasets import load_samples
     c = copy.deepcopy(cfg)
     if limit:
         c.data.val_samples = max(c.data.val_samples, limit)
-    if split == "test":
-        for src in c.data.sources:
-            src.val_split = "test"
+    for src in c.data.sources:
+        if limit and (not src.max_samples or src.max_samples > limit):
+            src.max_samples = limit
+        if split not in ("train", "val"):
+            src.val_split = split
     samples = load_samples(c, "train" if split == "train" else "val")
     if limit and len(samples) > limit:
-        if split == "train":
-            keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=limit, replace=False))
-            samples = [samples[i] for i in keep]
-        else:
-            samples = samples[:limit]
+        keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=limit, replace=False))
+        samples = [samples[i] for i in keep]
     return samples
 
 
@@ -652,7 +653,7 @@ def parse_args(argv=None):
     p.add_argument("--budgets", type=int, default=8,
                    help="budgets on the grid over [budget.min_ms, max_ms] (8)")
     p.add_argument("--split", choices=["test", "val"], default="test", help="held-out split (test)")
-    p.add_argument("--profile-split", choices=["train", "val", "test"], default="train",
+    p.add_argument("--profile-split", choices=["train", "val", "test", "calibration"], default="train",
                    help="split that profiles the static combinations for the lookup table (train)")
     p.add_argument("--samples", type=int, default=200, help="held-out samples (0 = all; default 200)")
     p.add_argument("--profile-samples", type=int, default=0, help="profiling samples (0 = as --samples)")
