@@ -29,6 +29,31 @@ def _synthetic(source, split: str, cfg) -> list[Sample]:
 LOADERS["synthetic"] = _synthetic
 
 
+def _bench_images(source, split: str, cfg) -> list[Sample]:
+    """Timing-only samples: deterministic noise images in common sizes (4:3, 16:9, square, portrait) and
+    one question. Accuracy on them is meaningless; they exercise every tier of the full-size model."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    sizes = [(1024, 768), (1280, 720), (1024, 1024), (768, 1024), (640, 480)]
+    n = source.max_samples or 64
+    offset = 0 if split == source.split else 1_000_000
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(source.seed * 7919 + offset + i)
+        w, h = sizes[i % len(sizes)]
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h)).save(buf, "JPEG")
+        out.append(Sample(sample_id=f"bench-{split}-{i:06d}", question="what is in the image", answers=["yes"],
+                          metric=source.metric, question_type=f"{w}x{h}", source="bench_images", image=buf.getvalue(),
+                          max_new_tokens=source.max_new_tokens or 16))
+    return out
+
+
+LOADERS["bench_images"] = _bench_images
+
+
 def load_samples(cfg, split: str = "train") -> list[Sample]:
     """All samples of the configured mixture for `split` ("train" = each source's split, "val" = its
     val_split). Mixture weights repeat or subsample sources deterministically by max_samples."""
