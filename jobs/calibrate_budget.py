@@ -15,10 +15,11 @@ each sample's max_new_tokens and stop at EOS, as in training. Combinations, at p
 Conditions match training: every process calls torch.set_num_threads(system.torch_threads), and
 `concurrency` processes run at once, the number of rollout workers training starts
 (`system.num_workers`, else one per GPU / gpus_per_worker, else 2 on CPU; override with --concurrency).
-Each process (spawned, its own model copy; on GPU process i uses GPU i mod #GPUs) warms up, waits at a
-barrier, times its share of the samples (sample j goes to process j mod concurrency; both combinations
-per sample, their order alternating), then keeps serving unmeasured requests until every process has
-finished, so that every measurement ran under the full concurrency.
+Each process (spawned, its own model copy; on GPU process i uses GPU i mod #GPUs) warms up (both
+combinations on a few inputs in turn, so that their shapes warm up too), waits at a barrier, times its
+share of the samples (sample j goes to process j mod concurrency; both combinations per sample, their
+order alternating), then keeps serving unmeasured requests until every process has finished, so that
+every measurement ran under the full concurrency.
 
 Budget range written (and read by `shared.calibration.apply_calibration`):
     min_ms = p50 of the cheapest, max_ms = p95 of the most expensive;
@@ -101,9 +102,10 @@ def _measure(rank: int, cfg, samples: list, choices: dict, warmup: int, repeats:
         return backend.run(sample, BIG_BUDGET_MS, None, fixed=choices[name])
 
     usable = list(samples)
-    for w in range(warmup):
+    for w in range(warmup):                      # cycle through the inputs: new shapes warm up too
         for name in names:
-            for s in list(usable):
+            while usable:
+                s = usable[w % len(usable)]
                 try:
                     serve(s, name)
                     break
@@ -235,7 +237,8 @@ def parse_args(argv=None):
     ap.add_argument("--split", default="train", help="'train'/'val' or a split name (default: train)")
     ap.add_argument("--repeats", type=int, default=1, help="timed requests per (sample, combination)")
     ap.add_argument("--warmup", type=int, default=0,
-                    help="warm-up rounds per process (default: max(2, system.warmup_rollouts))")
+                    help="warm-up rounds per process, each serving both combinations on the next input "
+                         "(default: max(system.warmup_rollouts, min(#samples, 8)))")
     ap.add_argument("--concurrency", type=int, default=0,
                     help="processes at once (default: the training worker count); a value other than "
                          "training's makes the calibration not match training")
@@ -260,7 +263,7 @@ def main(argv=None) -> int:
         print(f"error: split {args.split!r} has no samples", file=sys.stderr)
         return 2
     concurrency, use_gpu = resolve_concurrency(cfg, args.concurrency)
-    warmup = args.warmup or max(2, cfg.system.warmup_rollouts)
+    warmup = args.warmup or max(cfg.system.warmup_rollouts, min(len(samples), 8))
     print(f"[calibrate] {len(samples)} samples x {args.repeats} repeat(s), concurrency {concurrency}, "
           f"{cfg.system.torch_threads} torch thread(s) per process, {'GPU' if use_gpu else 'CPU'}", flush=True)
     try:

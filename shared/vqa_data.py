@@ -357,8 +357,9 @@ def _undecoded(ds):
 
 
 def _saved_dataset(root: Path, split: str):
-    import datasets
+    """A save_to_disk folder's split, or None (`datasets` is imported only when one is there)."""
     if (root / "dataset_dict.json").exists():
+        import datasets
         dd = datasets.load_from_disk(str(root))
         for s in split_aliases(split):
             if s in dd:
@@ -366,6 +367,7 @@ def _saved_dataset(root: Path, split: str):
         raise DatasetNotFoundError(f"{root} (a saved DatasetDict) has no split {split!r}; it has {sorted(dd)}")
     for s in split_aliases(split):
         if (root / s / "state.json").exists():
+            import datasets
             return datasets.load_from_disk(str(root / s))
     return None
 
@@ -382,7 +384,6 @@ def _split_files(root: Path, split: str, ext: str) -> list[str]:
 
 
 def _file_dataset(root: Path, split: str):
-    import datasets
     if root.is_file():
         files, ext = [str(root)], root.suffix.lstrip(".")
     else:
@@ -392,6 +393,7 @@ def _file_dataset(root: Path, split: str):
             ext, files = "arrow", _split_files(root, split, "arrow")
     if not files:
         return None
+    import datasets
     if ext == "parquet":
         return datasets.load_dataset("parquet", data_files={"split": files}, split="split")
     if ext == "arrow":
