@@ -142,7 +142,9 @@ def test_mismatched_bundle_is_refused(run_dir, tmp_path, capsys):
 
 def test_checkpoint_folder_best_weights_and_bad_paths(run_dir, tmp_path, capsys):
     ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
-    assert ev.main([str(ckpt), *FAST, "--out", str(tmp_path / "ck")]) == 0
+    with_progress = [a for a in FAST if a != "--no-progress"]
+    assert ev.main([str(ckpt), *with_progress, "--out", str(tmp_path / "ck")]) == 0
+    assert "24/24 samples (100%)" in capsys.readouterr().err          # the progress line
     rep = json.loads((tmp_path / "ck" / "eval.json").read_text())
     assert rep["meta"]["source"] == str(ckpt)
     if (run_dir / "best" / "controller.safetensors").exists():
