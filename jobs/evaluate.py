@@ -259,7 +259,11 @@ def run_ray(cfg, target: Target, items: list, budgets: list[float], progress: Pr
             "runtime_env": {"env_vars": env}}
     actors = [cls.options(**opts).remote(cfg, None, i) for i in range(workers)]
     try:
-        infos = ray.get([a.info.remote() for a in actors], timeout=cfg.system.worker_timeout_s)
+        try:
+            infos = ray.get([a.info.remote() for a in actors], timeout=cfg.system.worker_timeout_s)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            raise EvalError(f"evaluation workers did not start (backend load failed or no free "
+                            f"resources): {type(exc).__name__}: {exc}") from exc
         for info in infos:                  # every shard's setting must match (nodes may differ)
             check(info)
         state_ref = ray.put(_numpy_state(target.state))
@@ -282,7 +286,11 @@ def run_ray(cfg, target: Target, items: list, budgets: list[float], progress: Pr
                 raise EvalError(f"evaluation over Ray made no progress for {timeout_s:.0f}s")
             for ref in ready:
                 actor, start, n = pending.pop(ref)
-                results[start:start + n] = ray.get(ref)
+                try:
+                    results[start:start + n] = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    raise EvalError(f"an evaluation worker failed on samples {start}..{start + n - 1}: "
+                                    f"{type(exc).__name__}: {exc}") from exc
                 free.append(actor)
                 progress.update(n)
         return [r for r in results if r is not None], infos[0]

@@ -147,8 +147,10 @@ def test_checkpoint_folder_best_weights_and_bad_paths(run_dir, tmp_path, capsys)
     assert "24/24 samples (100%)" in capsys.readouterr().err          # the progress line
     rep = json.loads((tmp_path / "ck" / "eval.json").read_text())
     assert rep["meta"]["source"] == str(ckpt)
-    if (run_dir / "best" / "controller.safetensors").exists():
-        assert ev.main([str(run_dir), "--weights", "best", *FAST, "--out", str(tmp_path / "best")]) == 0
+    assert (run_dir / "best" / "controller.safetensors").exists()
+    assert ev.main([str(run_dir), "--weights", "best", *FAST, "--out", str(tmp_path / "best")]) == 0
+    best = json.loads((tmp_path / "best" / "eval.json").read_text())
+    assert best["meta"]["source"] == str(run_dir / "best" / "controller.safetensors")
     assert ev.main([str(tmp_path / "nope"), *FAST]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert ev.main([str(run_dir), *FAST, "--split", "val", "--profile-split", "val"]) == 2
