@@ -258,7 +258,11 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t0 = time.monotonic()
-    samples = samples_for_split(cfg, args.split, args.samples)[: args.samples]
+    try:
+        samples = samples_for_split(cfg, args.split, args.samples)[: args.samples]
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if not samples:
         print(f"error: split {args.split!r} has no samples", file=sys.stderr)
         return 2

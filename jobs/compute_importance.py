@@ -217,13 +217,16 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else default_out(cfg)
     torch.set_num_threads(cfg.system.torch_threads)
     t0 = time.monotonic()
-    samples = samples_for_split(cfg, args.split, args.max_samples)
-    if not samples:
-        print(f"error: split {args.split!r} has no samples", file=sys.stderr)
-        return 2
-    model, pre = load_model(cfg)
-    report = compute_importance(model, pre, samples, max_crops=max(cfg.knobs.tier_max_crops),
-                                show_progress=not args.quiet)
+    try:
+        samples = samples_for_split(cfg, args.split, args.max_samples)
+        if not samples:
+            raise ValueError(f"split {args.split!r} has no samples")
+        model, pre = load_model(cfg)
+        report = compute_importance(model, pre, samples, max_crops=max(cfg.knobs.tier_max_crops),
+                                    show_progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     report = {"model_id": cfg.model.model_id, **report, "split": args.split,
               "sources": [s.name for s in cfg.data.sources], "checkpoint": cfg.model.checkpoint,
               "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
