@@ -237,7 +237,8 @@ def load_run_config(args):
         cfg = load_config(path, list(args.overrides) + [f"system.run_dir={args.resume}"])
     else:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
-    return cfg
+    from shared.calibration import apply_calibration
+    return apply_calibration(cfg)
 
 
 def init_ray(cfg, address: Optional[str]):
