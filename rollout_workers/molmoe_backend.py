@@ -75,8 +75,8 @@ class MolmoeBackend(RolloutBackend):
             tok = word_level_tokenizer(full)
             bundle = Molmoe(model, tok, MolmoPreprocessor(full, tok))
         elif m.random_weights == "tiny":
-            folder = make_tiny_checkpoint(tempfile.mkdtemp(prefix="tiny-molmoe-"), seed=cfg.system.seed)
-            bundle = load_molmoe(folder, device, dtype)
+            with tempfile.TemporaryDirectory(prefix="tiny-molmoe-") as tmp:   # read fully, then removed
+                bundle = load_molmoe(make_tiny_checkpoint(tmp, seed=cfg.system.seed), device, dtype)
         else:
             raise ValueError("model.checkpoint is empty: point it at a checkpoint folder laid out like the hub's "
                              "(or set model.random_weights=tiny for a random test model, or full for RANDOM "

@@ -22,7 +22,8 @@ def _synthetic(source, split: str, cfg) -> list[Sample]:
     if split == source.split:
         n, seed, prefix = cfg.synthetic.num_samples, source.seed, "syn"
     else:
-        n, seed, prefix = max(cfg.data.val_samples, 1), source.seed + 104729, f"syn-{split}"
+        salt = int.from_bytes(split.encode()[:6].ljust(6, b"\0"), "little") % 1_000_003
+        n, seed, prefix = max(cfg.data.val_samples, 1), source.seed + 104729 + salt, f"syn-{split}"
     return synthetic_samples(tables, n, seed, prefix=prefix)
 
 
