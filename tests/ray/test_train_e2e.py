@@ -98,7 +98,7 @@ def test_resume_after_stop(reference_run, ray_cluster, tmp_path, faults, monkeyp
 
     n = reference_run["cfg"].system.total_updates
     cfg = make_cfg(tmp_path, "grpo.lr=1e-2", f"system.total_updates={n}", "system.checkpoint_every=4")
-    faults.slow(10)                     # pace the workers so the stop lands mid-run
+    faults.slow(20)                     # pace the workers so the stop lands mid-run
 
     def stop_early(status, job):
         if status["step"] >= 2:
