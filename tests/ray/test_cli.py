@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -204,3 +205,4 @@ def test_ray_start_and_job_submit(tmp_path):
             time.sleep(0.5)
     left = processes_mentioning(temp_dir)
     assert not left, f"processes of the test cluster still running: {left}"
+    shutil.rmtree(temp_dir, ignore_errors=True)
