@@ -101,8 +101,19 @@ def build_shapes_tokenizer(vocab_size: int = 448) -> MolmoTokenizer:
 class SceneBatches(torch.utils.data.IterableDataset):
     """Batch `step` holds train samples step*B .. step*B+B-1 (deterministic; workers split the steps)."""
 
-    def __init__(self, batch: int, steps: int, seed: int, start_step: int = 0):
+    def __init__(self, batch: int, steps: int, seed: int, start_step: int = 0, aux_frac: float = 0.0,
+                 families: tuple[str, ...] = ()):
         self.batch, self.steps, self.seed, self.start = batch, steps, seed, start_step
+        self.aux_frac, self.families = aux_frac, tuple(families)
+
+    def family(self, i: int):
+        """None (the set's own cycle), a restricted family, or a training-only auxiliary one."""
+        u = ((i * 2654435761 + 12345) % 2**32) / 2**32
+        if u < self.aux_frac:
+            return shapes.AUX_FAMILIES[i % len(shapes.AUX_FAMILIES)]
+        if self.families:
+            return self.families[(i // 7) % len(self.families)]
+        return None
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -110,7 +121,7 @@ class SceneBatches(torch.utils.data.IterableDataset):
         for step in range(self.start + wid, self.steps, nw):
             imgs, qs, ans = [], [], []
             for i in range(step * self.batch, (step + 1) * self.batch):
-                img, q, a, _ = shapes.render_item(i, "train", self.seed)
+                img, q, a, _ = shapes.render_item(i, "train", self.seed, family=self.family(i))
                 imgs.append(img)
                 qs.append(q)
                 ans.append(a[0])
@@ -239,10 +250,11 @@ def forward_batch(model: MolmoeModel, lay: Layouts, ids, crops, mc, block_ids, t
     return model.llm.lm_head(llm.norm(x))
 
 
-def draw_knobs(rng: random.Random, L: int, native: int, full_frac: float):
+def draw_knobs(rng: random.Random, L: int, native: int, full_frac: float, tiers=None):
+    tiers = tiers or KNOBS["tier_max_crops"]
     if rng.random() < full_frac:
-        return KNOBS["tier_max_crops"][-1], list(range(L)), {}
-    mc = rng.choice(KNOBS["tier_max_crops"])
+        return tiers[-1], list(range(L)), {}
+    mc = rng.choice(tiers)
     p = rng.choice(KNOBS["insertion_positions"])
     nb = rng.choice([b for b in KNOBS["num_blocks_options"] if p < b <= L])
     k = rng.choice(KNOBS["top_k_options"])
@@ -317,6 +329,12 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-samples", type=int, default=1200)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--aux-frac", type=float, default=0.0,
+                    help="fraction of training questions replaced by the training-only shape-naming "
+                         "families (shapes.AUX_FAMILIES)")
+    ap.add_argument("--families", default="", help="comma list: train only these families (experiments)")
+    ap.add_argument("--tiers", default="", help="comma list of max_crops to train with (experiments)")
+    ap.add_argument("--final-eval", default="grid", choices=["grid", "short"])
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -361,7 +379,12 @@ def main(argv=None) -> int:
     cheap = (KNOBS["tier_max_crops"][0], [0, 1], {1: 1})
 
     max_steps = args.steps or 10**7
-    loader = torch.utils.data.DataLoader(SceneBatches(args.batch, max_steps, args.seed), batch_size=None,
+    fams = tuple(f for f in args.families.split(",") if f)
+    tiers = [int(t) for t in args.tiers.split(",") if t] or None
+    if fams:
+        val_items = [it for it in val_items if it[3] in fams] or val_items
+    loader = torch.utils.data.DataLoader(SceneBatches(args.batch, max_steps, args.seed, aux_frac=args.aux_frac,
+                                                      families=fams), batch_size=None,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          prefetch_factor=8 if args.workers else None,
                                          persistent_workers=False)
@@ -390,7 +413,7 @@ def main(argv=None) -> int:
             lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / horizon)))
         for g in opt.param_groups:
             g["lr"] = lr
-        mc, blocks, kmap = draw_knobs(rng, L, cfg.top_k, args.full_frac)
+        mc, blocks, kmap = draw_knobs(rng, L, cfg.top_k, args.full_frac, tiers)
         ids, tg, crops = make_batch(lay, tok, cache, imgs, qs, ans, mc)
         probe.on = True
         with amp():
@@ -419,7 +442,7 @@ def main(argv=None) -> int:
     model.set_dtypes(torch.bfloat16, vision_dtype=torch.bfloat16)
     model.set_dtypes(torch.float32, vision_dtype=torch.float32)
     settings = {"full": full, "cheap": cheap}
-    for mc in KNOBS["tier_max_crops"]:
+    for mc in (KNOBS["tier_max_crops"] if args.final_eval == "grid" else []):
         for k in KNOBS["top_k_options"]:
             for nb in (2, 4, 8):
                 settings[f"mc{mc}_k{k}_nb{nb}"] = (mc, list(range(nb)), {b: k for b in range(1, nb)})

@@ -234,7 +234,33 @@ def _q_small_corner(rng):
     return shapes, "Which corner has the small cross?", [CORNERS[which]]
 
 
+def _q_large_shape(rng):
+    """Training-only auxiliary: name the big shape of a given colour (direct shape supervision)."""
+    shapes: list[Shape] = []
+    colors = list(rng.permutation(list(COLORS)))
+    n = int(rng.integers(1, 4))
+    placed = [_large(rng, shapes, color=str(colors[i])) for i in range(n)]
+    _background_small(rng, shapes, 0, 3)
+    target = placed[int(rng.integers(0, n))]
+    return shapes, f"What shape is the big {target.color} object?", [target.kind]
+
+
+def _q_small_shape(rng):
+    """Training-only auxiliary: name the small shape of a given colour."""
+    shapes: list[Shape] = []
+    _background_large(rng, shapes, 1, 2)
+    colors = list(rng.permutation(list(COLORS)))
+    n = int(rng.integers(2, 5))
+    placed = [_small(rng, shapes, color=str(colors[i])) for i in range(n)]
+    target = placed[int(rng.integers(0, n))]
+    return shapes, f"What shape is the small {target.color} object?", [target.kind]
+
+
+AUX_FAMILIES = ("large_shape", "small_shape")
+
 _FAMILY_FN = {
+    "large_shape": _q_large_shape,
+    "small_shape": _q_small_shape,
     "large_color": _q_large_color,
     "large_exists": _q_large_exists,
     "large_count_color": _q_large_count_color,
@@ -256,13 +282,15 @@ def make_item(index: int, split: str = "train", seed: int = 0, family: Optional[
                       shapes=shapes, index=index, split=split)
 
 
-def render_item(index: int, split: str = "train", seed: int = 0) -> tuple[np.ndarray, str, list[str], str]:
+def render_item(index: int, split: str = "train", seed: int = 0,
+                family: Optional[str] = None) -> tuple[np.ndarray, str, list[str], str]:
     """The same sample as `make_item` without PNG encoding (training): (RGB uint8 [224, 224, 3],
-    question, answers, question_type). Identical pixels to decoding `make_item(...).image`."""
+    question, answers, question_type). Identical pixels to decoding `make_item(...).image`.
+    `family` may also name a training-only auxiliary family (AUX_FAMILIES)."""
     if split not in SPLITS:
         raise ValueError(f"unknown shapes split {split!r}; splits: {sorted(SPLITS)}")
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index), 0x5A4E])
-    fam = FAMILIES[index % len(FAMILIES)]
+    fam = family or FAMILIES[index % len(FAMILIES)]
     shapes, question, answers = _FAMILY_FN[fam](rng)
     return np.asarray(_render(shapes, rng)), question, answers, fam
 
