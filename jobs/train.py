@@ -95,7 +95,7 @@ class TrainingJob:
         alive = dict(self.loops)
         deaths = {i: 0 for i in alive}
         restarting: dict[int, int] = {}          # worker -> learner restart count when it was seen dying
-        status = ray.get(self.learner.status.remote(), timeout=60)
+        status = self._learner_status()
         while True:
             if self.stop_requested:
                 self.print("[train] stop requested: flushing records and checkpointing")
@@ -118,7 +118,7 @@ class TrainingJob:
                                f"system.max_worker_restarts = {cfg.system.max_worker_restarts})")
                     del alive[i]
                     restarting.pop(i, None)
-            status = ray.get(self.learner.status.remote(), timeout=60)
+            status = self._learner_status()
             for i, seen in list(restarting.items()):     # a restarted worker registered with the learner
                 if status["counters"]["worker_restarts"] > seen:
                     del restarting[i]
@@ -137,6 +137,15 @@ class TrainingJob:
                 raise JobError(f"no rollout group reached the learner for {status['since_last_group_s']:.0f}s "
                                f"(system.worker_timeout_s = {cfg.system.worker_timeout_s}); workers are stuck")
         return status
+
+    def _learner_status(self) -> dict:
+        """The learner's status; its death (max_restarts=0) ends the job with a JobError saying how to go on."""
+        try:
+            return self.ray.get(self.learner.status.remote(), timeout=60)
+        except self.ray.exceptions.RayActorError as exc:
+            raise JobError(f"the learner actor died ({type(exc).__name__}); the run folder keeps every update up "
+                           f"to its last checkpoint: continue with `python jobs/train.py --resume {self.run_dir}`"
+                           ) from exc
 
     def finish(self) -> dict:
         """Final checkpoint, bundle export and summary."""

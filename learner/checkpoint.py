@@ -31,11 +31,19 @@ class CheckpointError(ValueError):
     """A checkpoint or bundle that cannot be used here; the message says why."""
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk, so a rename never publishes unwritten data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
+    _fsync(tmp)
     os.replace(tmp, path)
 
 
@@ -66,9 +74,12 @@ def save_checkpoint(run_dir: str | Path, step: int, trainer_state: dict, state_j
     state["rng"] = rng
     torch.save(state, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps(state_json, indent=1))
+    for f in (tmp / "trainer.pt", tmp / "state.json", tmp):
+        _fsync(f)                   # a node crash after the rename must not find empty files
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync(ckpt_root)
     _atomic_write_text(ckpt_root / "latest", name)
     olds = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     for old in olds[:-keep]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections import deque
 from pathlib import Path
@@ -39,6 +40,24 @@ from shared.metrics import MetricsSink
 from shared.records import rows_to_table, write_parquet_atomic
 
 log = logging.getLogger(__name__)
+
+
+def _filter_jsonl(path: Path, keep: Callable[[int, dict], bool]) -> None:
+    """Rewrite a JSON-lines file keeping the lines for which keep(index, record) holds; unparseable
+    lines (a write torn by a crash) are dropped."""
+    if not path.exists():
+        return
+    out = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and keep(len(out), rec):
+            out.append(ln)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in out))
+    tmp.replace(path)
 
 
 class LearnerError(RuntimeError):
@@ -297,11 +316,15 @@ class Learner:
         for part in self.records_dir.glob("part-*.parquet"):
             if int(part.stem.split("-")[1]) >= step:
                 part.unlink()           # superseded: produced after the checkpoint, will be redone
-        for name in ("metrics.jsonl",):
-            f = self.run_dir / name
-            if f.exists():
-                keep = [ln for ln in f.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-                f.write_text("".join(ln + "\n" for ln in keep))
+        # Leftovers of writes a crash interrupted (temp names start with '.', nothing reads them).
+        for tmp in [*self.records_dir.glob(".part-*.tmp-*"), *(self.run_dir / "checkpoints").glob(".tmp-step-*")]:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        # Side logs are cut back to what the checkpoint knows (a torn last line is dropped too):
+        # metrics of updates up to its step, the bad samples it counted (they were appended in
+        # counter order), validation rounds up to its round (later ones are numbered again).
+        _filter_jsonl(self.run_dir / "metrics.jsonl", lambda i, d: d["step"] <= step)
+        _filter_jsonl(self.run_dir / "bad_samples.jsonl", lambda i, d: i < self.counters["bad_samples"])
+        _filter_jsonl(self.run_dir / "validation.jsonl", lambda i, d: d["round"] <= self.val_round)
         log.info("resumed from %s at step %d", path, step)
 
     # ------------------------------------------------------------------------------------------
