@@ -107,7 +107,7 @@ class RequestEngine:
             return None
         try:
             return self.pre.load_image(image_bytes)
-        except ValueError as exc:       # ImageDecodeError and friends: bad input, skipped and counted
+        except (ValueError, TypeError) as exc:   # ImageDecodeError, not bytes: bad input, skipped and counted
             raise SampleError(f"bad image: {exc}") from exc
 
     @torch.no_grad()

@@ -321,6 +321,9 @@ def validate(cfg: RunConfig, src: str = "<config>") -> RunConfig:
         if len(set(vals)) != len(vals):
             raise ConfigError(f"{src}: 'knobs.{name}' has duplicate values {vals}")
     b = cfg.budget
+    if b.min_ms <= 0:
+        raise ConfigError(f"{src}: 'budget.min_ms' must be > 0 (a budget of 0 ms cannot be met; every rollout "
+                          f"would be refused), got {b.min_ms}")
     if b.max_ms < b.min_ms:
         raise ConfigError(f"{src}: 'budget.max_ms' ({b.max_ms}) is below 'budget.min_ms' ({b.min_ms})")
     if b.norm_max_ms <= b.norm_min_ms:

@@ -72,6 +72,11 @@ class DatasetNotFoundError(FileNotFoundError):
     """The configured data set is not where the config says (message: the path and expected layouts)."""
 
 
+class DatasetReadError(ValueError):
+    """A data set file exists but cannot be read (corrupt, truncated, not the expected layout); the
+    message names the file."""
+
+
 @dataclass(frozen=True)
 class VQASpec:
     name: str
@@ -189,8 +194,11 @@ def record_from_row(name: str, row: dict, index: int, base: Optional[Path] = Non
 # Official release formats
 # ----------------------------------------------------------------------------------------------
 def _read_json(path: Path):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetReadError(f"{path} is not readable JSON (corrupt or truncated?): {exc}") from exc
 
 
 def _first_existing(*paths: Path) -> Optional[Path]:
@@ -427,7 +435,23 @@ def not_found(spec: VQASpec, path: str, split: str, detail: str = "") -> Dataset
 
 
 def records(spec: VQASpec, path: str, split: str) -> Iterable[Record]:
-    """The split's records from the first format that matches (see the module doc)."""
+    """The split's records from the first format that matches (see the module doc).
+
+    Raises:
+        DatasetNotFoundError: nothing usable at the path.
+        DatasetReadError: a file is there but cannot be read; the message names it.
+    """
+    try:
+        return _records(spec, path, split)
+    except (DatasetNotFoundError, DatasetReadError):
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:   # pyarrow's errors are ValueError/OSError
+        where = path or "the hub cache"
+        raise DatasetReadError(f"data set {spec.name} (split {split!r}) at {where} cannot be read: "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+
+def _records(spec: VQASpec, path: str, split: str) -> Iterable[Record]:
     if path:
         root = Path(path).expanduser()
         if not root.exists():
