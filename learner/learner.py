@@ -170,6 +170,11 @@ class Learner:
         """A worker's finished group. Empty `rows` means the group was dropped (failed rollouts)."""
         self.last_group_at = self.clock()
         self.inflight.setdefault(worker_id, set()).discard(sample_id)
+        if self.done or self.trainer.step >= self.cfg.system.total_updates:
+            # Training is over (or stopping): a late group is not trained on, so its sample stays
+            # uncommitted and a resume hands it out again. Not a drop: nothing was lost.
+            self.dispenser.release(sample_id)
+            return {"accepted": False, "reason": "stopped"}
         # The worker already emitted budgetctl_failed_rollouts for these (like rollouts and groups);
         # emitting it here too would double the exported count.
         self.counters["failed_rollouts"] += len(failures)
