@@ -5,6 +5,7 @@ the synthetic backend's tables); image data sets register loaders in `LOADERS`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from shared.backend import Sample
@@ -57,9 +58,14 @@ LOADERS["bench_images"] = _bench_images
 
 def load_samples(cfg, split: str = "train") -> list[Sample]:
     """All samples of the configured mixture for `split` ("train" = each source's split, "val" = its
-    val_split). Mixture weights repeat or subsample sources deterministically by max_samples."""
+    val_split, at most data.val_samples per source; none when data.val_samples is 0)."""
     out: list[Sample] = []
+    if split != "train" and cfg.data.val_samples == 0:
+        return out                      # validation off: nothing to generate or read
     for src in cfg.data.sources:
+        if split != "train":            # held-out splits are sized by data.val_samples
+            cap = min(src.max_samples or cfg.data.val_samples, cfg.data.val_samples)
+            src = dataclasses.replace(src, max_samples=cap)
         if src.name not in LOADERS:
             _import_loaders()
         if src.name not in LOADERS:
