@@ -26,11 +26,13 @@ Pure module: numpy and torch only.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +40,7 @@ import torch
 from shared.backend import BackendInfo, RolloutBackend, RolloutOutcome, Sample
 from shared.controller import HeadDecision, Stage1Features, Stage2Features, TwoStageController, sinusoidal_code
 from shared.knobs import KnobChoice, KnobSpace
-from shared.rewards import RewardInputs
+from shared.rewards import RewardInputs, default_reward
 
 # Archetype floors: accuracy factor at the cheapest level of (tier, top_k, num_blocks), and peak accuracy.
 _ARCHETYPES = {
@@ -93,6 +95,7 @@ class SyntheticTables:
         self.prompt_embed = rng.standard_normal((self.num_question_types, self.d_model)).astype(np.float32)
         in_dim = self.num_question_types + 32 + len(s.positions)
         self.state_map = (rng.standard_normal((in_dim, self.d_model)) / math.sqrt(in_dim)).astype(np.float32)
+        self._option_cache: dict = {}
 
     @staticmethod
     def _tokens(max_crops: int) -> int:
@@ -183,17 +186,87 @@ class SyntheticTables:
         return [(t, pi, ki, ni) for t in range(s.num_tiers) if mask[t] for pi, p in enumerate(s.positions)
                 for ki in range(len(s.top_ks)) for ni, ok in enumerate(s.num_blocks_feasible(p)) if ok]
 
+    def option_table(self, q: int, tokens: list[int],
+                     options: Sequence[tuple[int, int, int, int]]) -> dict[str, np.ndarray]:
+        """Per-option arrays [O] for question type q: noise-free mean latency, accuracy, and the knob
+        values the reward sees (crops, top_k, num_blocks). Cached per (q, tokens, options)."""
+        key = (q, tuple(tokens), tuple(options))
+        cache = self._option_cache
+        hit = cache.get(key)
+        if hit is None:
+            s = self.space
+            mean, acc, crops, top_k, nb = [], [], [], [], []
+            for t, p_idx, k_idx, nb_idx in options:
+                eff = self.effective_tier(t, tokens)
+                mean.append(self.mean_latency_ms(q, eff, s.positions[p_idx], k_idx, nb_idx))
+                acc.append(self.accuracy(q, eff, k_idx, nb_idx))
+                crops.append(1 + s.tier_max_crops[eff])
+                top_k.append(s.top_ks[k_idx])
+                nb.append(s.num_blocks[nb_idx])
+            hit = {"mean_ms": np.asarray(mean, dtype=np.float64), "accuracy": np.asarray(acc, dtype=np.float64),
+                   "num_crops": np.asarray(crops), "top_k": np.asarray(top_k), "num_blocks": np.asarray(nb)}
+            if len(cache) >= 1024:
+                cache.clear()
+            cache[key] = hit
+        return hit
+
+    def expected_rewards(self, q: int, tokens: list[int], budget_ms: float,
+                         options: Sequence[tuple[int, int, int, int]],
+                         reward_fn: Callable[[RewardInputs], float]) -> np.ndarray:
+        """E[reward] [O] of many options at once (same quadrature as `expected_reward`).
+
+        The default reward formula is evaluated vectorised (tested equal to
+        `shared.rewards.default_reward`); any other reward function falls back to the scalar path.
+        """
+        params = default_reward_params(reward_fn)
+        if params is None:
+            return np.array([self.expected_reward(q, tokens, budget_ms, o, reward_fn) for o in options])
+        tab = self.option_table(q, tokens, options)
+        lat = np.maximum(tab["mean_ms"][:, None] * (1.0 + self.latency_noise * _GH_NODES[None, :]), 1e-3)
+        r = default_reward_np(tab["accuracy"][:, None], lat, float(budget_ms), **params)
+        return (r * _GH_WEIGHTS[None, :]).sum(axis=1)   # no BLAS call: its threads fight torch's
+
     def optimal(self, q: int, tokens: list[int], budget_ms: float,
                 reward_fn: Callable[[RewardInputs], float]) -> tuple[tuple[int, int, int, int], float]:
-        """The option indices with the highest expected reward, and that reward."""
-        best = max(self.feasible_options(tokens), key=lambda o: self.expected_reward(q, tokens, budget_ms, o,
-                                                                                        reward_fn))
+        """The option indices with the highest expected reward (the first on ties), and that reward."""
+        options = self.feasible_options(tokens)
+        best = options[int(np.argmax(self.expected_rewards(q, tokens, budget_ms, options, reward_fn)))]
         return best, self.expected_reward(q, tokens, budget_ms, best, reward_fn)
 
     def within_budget(self, q: int, tokens: list[int], budget_ms: float, idx: tuple[int, int, int, int]) -> bool:
         t, p_idx, k_idx, nb_idx = idx
         return self.mean_latency_ms(q, self.effective_tier(t, tokens), self.space.positions[p_idx], k_idx,
                                     nb_idx) <= budget_ms
+
+
+def default_reward_params(reward_fn: Callable) -> Optional[dict[str, float]]:
+    """The keyword parameters of `reward_fn` if it is `shared.rewards.default_reward` (possibly a
+    functools.partial of it, as `make_reward_fn` builds), with the formula's defaults filled in; else None."""
+    func, bound = reward_fn, {}
+    if isinstance(reward_fn, functools.partial):
+        if reward_fn.args:
+            return None
+        func, bound = reward_fn.func, dict(reward_fn.keywords)
+    if func is not default_reward:
+        return None
+    sig = inspect.signature(default_reward)
+    params = {n: p.default for n, p in sig.parameters.items() if n != "x"}
+    if set(bound) - set(params):
+        return None
+    params.update(bound)
+    return {k: float(v) for k, v in params.items()}
+
+
+def default_reward_np(accuracy: np.ndarray, latency_ms: np.ndarray, budget_ms: float, overrun_weight: float = 2.0,
+                      overrun_power: float = 1.0, violation_penalty: float = 0.5) -> np.ndarray:
+    """`shared.rewards.default_reward` on arrays (broadcasting): the same formula, operation for operation."""
+    latency_ms = np.asarray(latency_ms, dtype=np.float64)
+    accuracy = np.broadcast_to(np.asarray(accuracy, dtype=np.float64), np.broadcast_shapes(
+        np.shape(accuracy), latency_ms.shape))
+    over = latency_ms > budget_ms
+    rel = np.where(over, (latency_ms - budget_ms) / budget_ms, 0.0)
+    penalty = violation_penalty + overrun_weight * rel ** overrun_power
+    return np.where(over, accuracy - penalty, accuracy)
 
 
 def synthetic_samples(tables: SyntheticTables, num_samples: int, seed: int = 0, prefix: str = "syn") -> list[Sample]:
@@ -210,6 +283,16 @@ def synthetic_samples(tables: SyntheticTables, num_samples: int, seed: int = 0, 
     return out
 
 
+_CACHE_MAX = 4096
+
+
+def _bounded_put(cache: dict, key, value) -> None:
+    """Insert into a memo dict, emptying it first when full (entries are cheap to recompute)."""
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[key] = value
+
+
 class SyntheticBackend(RolloutBackend):
     """RolloutBackend over `SyntheticTables` (no model; timings are simulated, not measured)."""
 
@@ -218,6 +301,8 @@ class SyntheticBackend(RolloutBackend):
         self.space = tables.space
         self.rng = np.random.default_rng(seed)
         self._importance_sha = importance_sha256 or hashlib.sha256(b"synthetic").hexdigest()
+        self._s1_cache: dict = {}
+        self._state_cache: dict = {}
 
     def info(self) -> BackendInfo:
         return BackendInfo(backend="synthetic", model_id=f"synthetic-bandit-q{self.tables.num_question_types}"
@@ -226,12 +311,28 @@ class SyntheticBackend(RolloutBackend):
 
     def stage1_features(self, sample: Sample, budget_ms: float) -> Stage1Features:
         tb = self.tables
-        q = sample.meta["q"]
-        jitter = np.random.default_rng(sample.meta["jitter_seed"]).standard_normal(tb.d_model).astype(np.float32)
-        tokens = tb.tier_tokens(sample.meta["small_image"])
-        return Stage1Features(lang_feat=tb.prompt_embed[q] + 0.1 * jitter, budget_ms=float(budget_ms),
-                              tier_tokens=tokens, tier_mask=self.space.tier_mask(tokens),
-                              p_mask=[True] * len(self.space.positions))
+        key = (sample.meta["q"], sample.meta["jitter_seed"], sample.meta["small_image"])
+        hit = self._s1_cache.get(key)
+        if hit is None:   # deterministic per sample: computed once (a group's G rollouts share it)
+            q = sample.meta["q"]
+            jitter = np.random.default_rng(sample.meta["jitter_seed"]).standard_normal(tb.d_model).astype(np.float32)
+            tokens = tb.tier_tokens(sample.meta["small_image"])
+            hit = (tb.prompt_embed[q] + 0.1 * jitter, tokens, self.space.tier_mask(tokens))
+            _bounded_put(self._s1_cache, key, hit)
+        lang_feat, tokens, mask = hit
+        return Stage1Features(lang_feat=lang_feat.copy(), budget_ms=float(budget_ms), tier_tokens=list(tokens),
+                              tier_mask=list(mask), p_mask=[True] * len(self.space.positions))
+
+    def _latency_state(self, q: int, budget_ms: float, p_idx: int, controller: TwoStageController) -> np.ndarray:
+        """The fixed map's state for (question type, budget, p), cached (a group shares type and budget)."""
+        key = (q, float(budget_ms), p_idx, controller.norm_min_ms, controller.norm_max_ms)
+        hit = self._state_cache.get(key)
+        if hit is None:
+            with torch.inference_mode():
+                norm = float(controller.normalise_budget(torch.tensor([budget_ms]))[0])
+            hit = self.tables.latency_state(q, norm, p_idx)
+            _bounded_put(self._state_cache, key, hit)
+        return hit.copy()
 
     def run(self, sample: Sample, budget_ms: float, controller: TwoStageController, *, greedy: bool = False,
             generator: Optional[torch.Generator] = None, fixed: Optional[KnobChoice] = None) -> RolloutOutcome:
@@ -250,8 +351,8 @@ class SyntheticBackend(RolloutBackend):
         # Segments up to the Stage2 decision (k, nb don't matter yet: use index 0 for the prefix cost).
         seg = tb.segments_ms(q, eff, p, 0, len(s.num_blocks) - 1)
         spent = (seg["preprocess_ms"] + seg["stage1_ms"] + seg["vision_ms"] + seg["prefix_ms"]) * noise
-        f2 = Stage2Features(latency_state=tb.latency_state(q, float(controller.normalise_budget(
-            torch.tensor([budget_ms]))[0]), d_p.index), p_idx=d_p.index, vision_tokens=f1.tier_tokens[d_tier.index],
+        f2 = Stage2Features(latency_state=self._latency_state(q, budget_ms, d_p.index, controller),
+            p_idx=d_p.index, vision_tokens=f1.tier_tokens[d_tier.index],
             spent_frac=spent / budget_ms, nb_mask=s.num_blocks_feasible(p))
         if fixed is None:
             d_k, d_nb = controller.act_stage2(budget_ms, f2, greedy=greedy, generator=generator)
@@ -305,10 +406,10 @@ def evaluate_bandit(backend: SyntheticBackend, controller: TwoStageController, s
             key = (q, tuple(tokens), b)
             if key not in cache:
                 opts = tb.feasible_options(tokens)
+                statics = [_collapse(o, tokens, backend.space) for o in static_options]
                 cache[key] = (tb.optimal(q, tokens, b, reward_fn)[1],
-                              any(tb.within_budget(q, tokens, b, o) for o in opts),
-                              np.array([tb.expected_reward(q, tokens, b, _collapse(o, tokens, backend.space),
-                                                           reward_fn) for o in static_options]))
+                              bool((tb.option_table(q, tokens, opts)["mean_ms"] <= b).any()),
+                              tb.expected_rewards(q, tokens, b, statics, reward_fn))
             opt, any_feasible, static = cache[key]
             optimal.append(opt)
             static_sum += static
