@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from rollout_workers.executors import EagerEngine
 from rollout_workers.request_path import RequestEngine
 from shared.backend import BackendInfo, RolloutBackend, RolloutOutcome, Sample
 from shared.controller import TwoStageController
@@ -57,8 +58,6 @@ class MolmoeBackend(RolloutBackend):
         from rollout_workers.molmoe.loader import load_molmoe
         from rollout_workers.molmoe.make_tiny_checkpoint import make_tiny_checkpoint
         m = cfg.model
-        if m.engine != "eager":
-            raise ValueError(f"model.engine={m.engine!r} is not available in this build; use 'eager'")
         want_cuda = m.device == "cuda" or (m.device == "auto" and torch.cuda.is_available())
         if m.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("model.device is 'cuda' but no CUDA device is visible")
@@ -84,14 +83,21 @@ class MolmoeBackend(RolloutBackend):
         mc = bundle.model.config
         importance = (ImportanceScores.load(m.importance_scores, mc.n_layers) if m.importance_scores
                       else ImportanceScores.by_index(mc.n_layers))
-        engine = RequestEngine(bundle.model, bundle.preprocessor, space, importance)
+        if m.engine == "fast":
+            from rollout_workers.fast_engine import FastEngine
+            executor = FastEngine(bundle.model, max_len=m.fast_max_len, kv_bucket=m.fast_kv_bucket)
+        else:
+            executor = EagerEngine(bundle.model)
+        engine = RequestEngine(bundle.model, bundle.preprocessor, space, importance, executor=executor)
         return cls(engine, model_id=m.model_id, engine_name=m.engine, torch_threads=cfg.system.torch_threads)
 
     def info(self) -> BackendInfo:
         return self._info
 
     def warmup(self, num_rollouts: int, controller: TwoStageController) -> None:
-        """Unmeasured requests over every tier (allocator, kernels, caches)."""
+        """Capture the engine's graphs for every knob setting (fast engine), then unmeasured requests over
+        every tier (allocator, kernels, caches)."""
+        self.warmup_report = self.engine.executor.warmup(self.space)
         rng = np.random.default_rng(0)
         from PIL import Image
         buf = io.BytesIO()

@@ -1,4 +1,5 @@
-"""One request as a rollout worker serves it (DESIGN.md sections 2-4), on the eager engine.
+"""One request as a rollout worker serves it (DESIGN.md sections 2-4), on either execution engine
+(rollout_workers/executors.py: the eager reference, or rollout_workers/fast_engine.py).
 
     bytes + question + budget
       -> preprocess (decode, size probe, tokenise, language feature)         [preprocess_ms]
@@ -32,6 +33,7 @@ import torch
 from shared.backend import SampleError
 from shared.controller import HeadDecision, Stage1Features, Stage2Features, TwoStageController, check_budget_ms
 from shared.knobs import ImportanceScores, KnobChoice, KnobSpace, select_blocks
+from rollout_workers.executors import EagerEngine
 from rollout_workers.timers import SegmentTimer
 
 SEGMENT_ORDER = ("preprocess_ms", "stage1_ms", "vision_ms", "prefix_ms", "stage2_ms", "prefill_rest_ms",
@@ -69,9 +71,10 @@ class RequestEngine:
         preprocessor: its `MolmoPreprocessor` (holds the tokenizer).
         space: the knob space; must match the model's shape.
         importance: per-block importance scores for block selection.
+        executor: how the blocks run (default: `EagerEngine(model)`; or a `FastEngine`).
     """
 
-    def __init__(self, model, preprocessor, space: KnobSpace, importance: ImportanceScores):
+    def __init__(self, model, preprocessor, space: KnobSpace, importance: ImportanceScores, executor=None):
         cfg = model.config
         if (space.num_layers, space.num_experts, space.native_top_k) != (cfg.n_layers, cfg.num_experts, cfg.top_k):
             raise ValueError(f"knob space is for {space.num_layers} blocks x {space.num_experts} experts (native top_k "
@@ -85,6 +88,7 @@ class RequestEngine:
         self.space = space
         self.importance = importance
         self.device = model.device
+        self.executor = executor if executor is not None else EagerEngine(model)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -161,21 +165,18 @@ class RequestEngine:
         timer.mark("preprocess_ms")
 
         # -- vision ---------------------------------------------------------------------------
-        feats = None
-        if inputs.images is not None:
-            feats = model.encode_images(inputs.images, inputs.image_masks)
-        x = model.embed(inputs.input_ids, image_features=feats, image_input_idx=inputs.image_input_idx)
+        ex = self.executor
+        x = ex.encode(inputs)
         T = x.shape[1]
         timer.mark("vision_ms")
 
         step_logits: list[torch.Tensor] = []
+        ex.begin()
         if controller is not None:
             # -- prefix: blocks 0..p-1 at native top_k, budget token appended as the last position
             tok = controller.budget_token_embedding(budget_ms).to(device=self.device, dtype=x.dtype)
             x = torch.cat([x, tok[None, None, :]], dim=1)
-            positions = torch.arange(T + 1, device=self.device)[None]
-            cache = model.new_cache(list(range(p)))
-            h = model.run_blocks(x, list(range(p)), position_ids=positions, cache=cache)
+            h = ex.prefill(x, list(range(p)), {})
             timer.mark("prefix_ms")
             # -- Stage2 (host sync: the decision needs the latency token and the elapsed time)
             latency_state = h[0, -1].float().cpu().numpy()
@@ -189,41 +190,38 @@ class RequestEngine:
             top_k = space.top_ks[d_k.index]
             nb = space.num_blocks[d_nb.index]
             block_ids = select_blocks(p, nb, self.importance.scores)
+            k_map = {b: top_k for b in block_ids if b >= p}
             timer.mark("stage2_ms")
             # -- rest of the prefill; first answer token from the position BEFORE the budget token
-            h = model.run_blocks(h, block_ids[p:], position_ids=positions, cache=cache, top_k=top_k)
-            logits = model.head(h[:, T - 1:T])
-            _drop_last_position(cache, block_ids, T)
+            h = ex.prefill(h, block_ids[p:], k_map)
+            logits = ex.head(h[:, T - 1:T])
+            ex.truncate(T, block_ids)
             timer.mark("prefill_rest_ms")
         else:
             ti, pi, ki, ni = space.index_of(fixed)
             top_k = space.top_ks[ki]
             nb = space.num_blocks[ni]
             block_ids = select_blocks(p, nb, self.importance.scores)
+            k_map = {b: top_k for b in block_ids if b >= p}
             f2 = Stage2Features(latency_state=np.zeros(model.config.d_model, dtype=np.float32), p_idx=pi,
                                 vision_tokens=tier_tokens[d_tier.index], spent_frac=0.0,
                                 nb_mask=space.num_blocks_feasible(p))
             d_k, d_nb = HeadDecision(ki, 0.0), HeadDecision(ni, 0.0)
-            cache = model.new_cache(block_ids)
-            h = model.run_blocks(x, block_ids, cache=cache, top_k={b: top_k for b in block_ids if b >= p})
-            logits = model.head(h[:, -1:])
+            h = ex.prefill(x, block_ids, k_map)
+            logits = ex.head(h[:, -1:])
             timer.mark("prefill_rest_ms")
 
         # -- decode: same knobs; prefix blocks at native top_k ------------------------------------
-        k_map = {b: top_k for b in block_ids if b >= p}
         eos = model.config.eos_token_id
         out_ids: list[int] = []
         for step in range(max_new_tokens):
             if return_logits:
-                step_logits.append(logits[0, -1].float().cpu())
+                step_logits.append(logits[0, -1].to("cpu", torch.float32, copy=True))   # engines may reuse the buffer
             next_id = int(logits[0, -1].argmax())          # host sync: end-of-sequence check
             out_ids.append(next_id)
             if (stop_at_eos and next_id == eos) or step == max_new_tokens - 1:
                 break
-            emb = model.embed_tokens(torch.tensor([next_id], device=self.device))
-            pos = torch.tensor([[T + step]], device=self.device)
-            h = model.run_blocks(emb, block_ids, position_ids=pos, cache=cache, top_k=k_map)
-            logits = model.head(h)
+            logits = ex.decode_step(next_id, T + step, block_ids, k_map)
         timer.mark("decode_ms")
 
         # -- postprocess ---------------------------------------------------------------------
@@ -239,10 +237,3 @@ class RequestEngine:
                              latency_ms=timer.total_ms(), host_latency_ms=(time.perf_counter() - host0) * 1e3,
                              t_start=t_start, t_end=time.time(), step_logits=step_logits)
 
-
-def _drop_last_position(cache, block_ids: Sequence[int], length: int) -> None:
-    """Remove the budget token's keys/values (the last position) from every executed block's cache."""
-    for b in block_ids:
-        layer = cache.layers[b]
-        layer.keys = layer.keys[..., :length, :]
-        layer.values = layer.values[..., :length, :]
