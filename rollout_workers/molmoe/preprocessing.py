@@ -24,6 +24,7 @@ composited on white (the released processor drops alpha).
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 import warnings
@@ -296,9 +297,10 @@ class ImageLayout:
     num_image_tokens: int  # all LLM positions of the image: patches + <im_col> + <im_start>/<im_end>
 
 
+@functools.lru_cache(maxsize=4096)
 def image_layout(width: int, height: int, config: MolmoeConfig, max_crops: int) -> ImageLayout:
     """Layout of an image that is ``width`` x ``height`` pixels *as decoded* (see
-    :func:`bounded_size` / :func:`probe_image_size`)."""
+    :func:`bounded_size` / :func:`probe_image_size`); cached (a pure function of its arguments)."""
     if max_crops < 1:
         raise ValueError(f"max_crops must be >= 1, got {max_crops}")
     left, right = config.overlap_margins
@@ -341,44 +343,285 @@ def tier_token_counts(
     return out
 
 
-def _resize_and_pad(
-    image: np.ndarray, desired_hw: tuple[int, int], mean: np.ndarray, std: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Official ``resize_and_pad`` (torch-bilinear, antialias): uint8 [H, W, 3] -> normalised float32
-    [h, w, 3] and a bool [h, w] mask of real (non-padding) pixels."""
-    desired_h, desired_w = desired_hw
-    height, width = image.shape[:2]
+# ---------------------------------------------------------------------- crop geometry (sizes only)
+@dataclass(frozen=True)
+class PadGeometry:
+    """A resized image inside its zero-padded canvas (the official ``resize_and_pad``), in pixels."""
+
+    canvas_hw: tuple[int, int]  # (height, width) of the padded canvas
+    scaled_hw: tuple[int, int]  # (height, width) the image is resized to (aspect kept)
+    offset_yx: tuple[int, int]  # (top, left) of the resized image in the canvas (centred)
+
+
+def pad_geometry(height: int, width: int, desired_hw: tuple[int, int]) -> PadGeometry:
+    """Official ``resize_and_pad`` sizes for an image of ``height`` x ``width`` pixels: the scale is
+    computed in float32 exactly as there, the resized image is centred in ``desired_hw``."""
+    desired_h, desired_w = int(desired_hw[0]), int(desired_hw[1])
     scale_y = np.array(desired_h, np.float32) / np.array(height, np.float32)
     scale_x = np.array(desired_w, np.float32) / np.array(width, np.float32)
     scale = min(scale_x, scale_y)
     scaled_h = max(1, int(np.array(height, np.float32) * scale))
     scaled_w = max(1, int(np.array(width, np.float32) * scale))
-    x = (
-        torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).to(torch.float32)
-        / 255.0
+    return PadGeometry(
+        canvas_hw=(desired_h, desired_w),
+        scaled_hw=(scaled_h, scaled_w),
+        offset_yx=((desired_h - scaled_h) // 2, (desired_w - scaled_w) // 2),
     )
-    x = F.interpolate(
-        x[None], size=(scaled_h, scaled_w), mode="bilinear", align_corners=False, antialias=True
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Where every crop of one image comes from at one max_crops (computable from the size alone).
+
+    Crop 0 is the global crop: the image resized into ``global_pad`` (``crop_px`` square). Crops
+    1..rows*cols are ``crop_px`` squares cut row-major from the ``tiled_pad`` canvas at multiples of
+    ``window_px`` (so neighbours overlap by the margins).
+    """
+
+    tiling: tuple[int, int]  # (rows, cols)
+    crop_px: int
+    patch_px: int
+    window_px: int
+    tiled_pad: PadGeometry
+    global_pad: PadGeometry
+
+    @property
+    def num_crops(self) -> int:
+        return 1 + self.tiling[0] * self.tiling[1]
+
+    @property
+    def crop_patches(self) -> int:
+        """Patches per side of one crop."""
+        return self.crop_px // self.patch_px
+
+
+@functools.lru_cache(maxsize=4096)
+def crop_plan(height: int, width: int, config: MolmoeConfig, max_crops: int) -> CropPlan:
+    """The :class:`CropPlan` of a ``height`` x ``width`` RGB image (as decoded); cached."""
+    patch = config.patch_size_px
+    left, right = config.overlap_margins
+    margin_px = patch * (left + right)
+    window_px = (config.crop_patches - (left + right)) * patch
+    rows, cols = select_tiling(height - margin_px, width - margin_px, window_px, max_crops)
+    canvas_hw = (rows * window_px + margin_px, cols * window_px + margin_px)
+    crop = config.crop_size_px
+    return CropPlan(
+        tiling=(rows, cols),
+        crop_px=crop,
+        patch_px=patch,
+        window_px=window_px,
+        tiled_pad=pad_geometry(height, width, canvas_hw),
+        global_pad=pad_geometry(height, width, (crop, crop)),
+    )
+
+
+# ---------------------------------------------------------------------- masks (from the geometry)
+def _pixels_on_image(pad: PadGeometry, axis: int, origins_px: np.ndarray, n_patches: int, patch_px: int):
+    """int64 [len(origins_px), n_patches]: for crops starting at ``origins_px`` along ``axis``
+    (0 = rows, 1 = columns) of the canvas, how many pixel rows/columns of each patch band lie on
+    the resized image rather than on the padding."""
+    lo = pad.offset_yx[axis]
+    hi = lo + pad.scaled_hw[axis]
+    start = origins_px[:, None] + patch_px * np.arange(n_patches, dtype=np.int64)[None, :]
+    return np.clip(np.minimum(start + patch_px, hi) - np.maximum(start, lo), 0, None)
+
+
+def _patch_fill_fractions(
+    pad: PadGeometry, origins_y_px: np.ndarray, origins_x_px: np.ndarray, n_patches_side: int, patch_px: int
+) -> np.ndarray:
+    """float32 [len(origins_y_px) * len(origins_x_px), n_patches_side**2]: the fraction of real
+    (non-padding) pixels of every patch of every crop (row-major crops, row-major patches); equal
+    to patchifying the padding mask and averaging it."""
+    on_y = _pixels_on_image(pad, 0, origins_y_px, n_patches_side, patch_px)  # [ny, s]
+    on_x = _pixels_on_image(pad, 1, origins_x_px, n_patches_side, patch_px)  # [nx, s]
+    counts = on_y[:, None, :, None] * on_x[None, :, None, :]  # [ny, nx, s(h), s(w)]
+    counts = counts.reshape(len(origins_y_px) * len(origins_x_px), n_patches_side * n_patches_side)
+    return counts.astype(np.float32) / np.float32(patch_px * patch_px)
+
+
+def crop_masks(plan: CropPlan, replicate_mask_quirk: bool = True) -> np.ndarray:
+    """float32 [n_crops, n_patches] per-patch fraction of real pixels, in the model's row order.
+
+    With the quirk (what the model was trained with): the masks of crops 1.. followed by a row of
+    -1, i.e. one crop off the pixels. Without it: the global crop's mask, then the crops'."""
+    rows, cols = plan.tiling
+    s, p = plan.crop_patches, plan.patch_px
+    origins_y = np.arange(rows, dtype=np.int64) * plan.window_px
+    origins_x = np.arange(cols, dtype=np.int64) * plan.window_px
+    tiled = _patch_fill_fractions(plan.tiled_pad, origins_y, origins_x, s, p)
+    if replicate_mask_quirk:
+        return np.concatenate([tiled, np.full((1, s * s), -1, np.float32)], 0)
+    zero = np.zeros(1, np.int64)
+    return np.concatenate([_patch_fill_fractions(plan.global_pad, zero, zero, s, p), tiled], 0)
+
+
+# ---------------------------------------------------------------------- pixels (torch, any device)
+@dataclass(frozen=True)
+class Normalisation:
+    """Per-channel constants on one device: float32 [3] each."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    pad_value: torch.Tensor  # what a zero (padding) pixel becomes: (0 - mean) / std
+
+    @classmethod
+    def build(cls, config: MolmoeConfig, device: torch.device | str = "cpu") -> Normalisation:
+        mean = torch.tensor(config.image_mean, dtype=torch.float32, device=device)
+        std = torch.tensor(config.image_std, dtype=torch.float32, device=device)
+        return cls(mean=mean, std=std, pad_value=(torch.zeros_like(mean) - mean) / std)
+
+
+def unit_float_image(image_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 [1, 3, H, W] on [0, 1], a channels-last strided view (the official
+    code's exact ops and memory layout, which the resize kernel's rounding could depend on)."""
+    if image_u8.dtype != torch.uint8:
+        raise TypeError(f"expected a uint8 image, got {image_u8.dtype}")
+    return image_u8.permute(2, 0, 1).to(torch.float32).div_(255.0)[None]
+
+
+def normalised_canvas(image01: torch.Tensor, pad: PadGeometry, norm: Normalisation) -> torch.Tensor:
+    """float32 [1, 3, H, W] on [0, 1] -> float32 [canvas_h, canvas_w, 3]: resized (bilinear,
+    antialias), clipped to [0, 1], zero-padded and normalised ``(x - mean) / std``, all in float32.
+
+    The resized image is normalised in place in its own [3, h, w] layout (vectorised per channel),
+    then written once, interleaved, into the canvas; the padding is filled with ``norm.pad_value``
+    (the same float32 ops applied to 0), so no padded intermediate is made."""
+    scaled_h, scaled_w = pad.scaled_hw
+    resized = F.interpolate(
+        image01, size=(scaled_h, scaled_w), mode="bilinear", align_corners=False, antialias=True
     )[0]
-    x = torch.clip(x, 0.0, 1.0).permute(1, 2, 0).numpy()
-    top = (desired_h - scaled_h) // 2
-    left = (desired_w - scaled_w) // 2
-    pad = [[top, desired_h - scaled_h - top], [left, desired_w - scaled_w - left], [0, 0]]
-    mask = np.pad(np.ones((scaled_h, scaled_w), dtype=bool), pad[:2])
-    x = np.pad(x, pad, constant_values=0)
-    x = (x - mean[None, None, :]) / std[None, None, :]
-    return x.astype(np.float32), mask
+    per_channel = (-1, 1, 1)
+    resized.clamp_(0.0, 1.0).sub_(norm.mean.view(per_channel)).div_(norm.std.view(per_channel))
+    canvas_h, canvas_w = pad.canvas_hw
+    top, left = pad.offset_yx
+    canvas = torch.empty((canvas_h, canvas_w, 3), dtype=torch.float32, device=image01.device)
+    canvas[top : top + scaled_h, left : left + scaled_w].copy_(resized.permute(1, 2, 0))
+    _fill_padding(canvas, pad, norm.pad_value)
+    return canvas
 
 
-def _patchify(arr: np.ndarray, patch: int) -> np.ndarray:
-    """[n, H, W, (c)] -> [n, (H/p)*(W/p), p*p*(c)] in (h, w) patch order, (dh, dw, c) pixel order."""
-    n, height, width = arr.shape[:3]
-    extra = arr.shape[3:]
-    x = arr.reshape(n, height // patch, patch, width // patch, patch, *extra)
-    x = np.moveaxis(x, 2, 3)  # n, h, w, dh, dw, (c)
-    return x.reshape(n, (height // patch) * (width // patch), -1)
+def _fill_padding(canvas: torch.Tensor, pad: PadGeometry, value: torch.Tensor) -> None:
+    """Write ``value`` [3] into the canvas [H, W, 3] outside the resized image."""
+    top, left = pad.offset_yx
+    bottom, right = top + pad.scaled_hw[0], left + pad.scaled_hw[1]
+    for region in (canvas[:top], canvas[bottom:], canvas[top:bottom, :left], canvas[top:bottom, right:]):
+        if region.numel():
+            region.copy_(value.expand_as(region))
 
 
+def patch_windows(
+    canvas: torch.Tensor, grid_rc: tuple[int, int], stride_px: int, crop_px: int, patch_px: int
+):
+    """View of ``grid_rc`` = (rows, cols) square crops of ``crop_px`` cut from canvas [H, W, 3] every
+    ``stride_px`` pixels, patchified: [rows, cols, s, s, p, p, 3] in (h, w, dh, dw, c) order, with
+    s = crop_px / patch_px and p = patch_px. No copy is made."""
+    rows, cols = grid_rc
+    s = crop_px // patch_px
+    win = canvas.unfold(0, crop_px, stride_px).unfold(1, crop_px, stride_px)  # [R', C', 3, y, x]
+    win = win[:rows, :cols].unflatten(4, (s, patch_px)).unflatten(3, (s, patch_px))  # R C c h dh w dw
+    return win.permute(0, 1, 3, 5, 4, 6, 2)
+
+
+def crop_pixels(image_u8: torch.Tensor, plan: CropPlan, norm: Normalisation) -> torch.Tensor:
+    """uint8 [H, W, 3] (on any device) -> normalised float32 [n_crops, n_patches, patch_dim] on the
+    same device: crop 0 the global crop, then the tiled crops row-major; (dh, dw, c) per patch."""
+    s, p, crop = plan.crop_patches, plan.patch_px, plan.crop_px
+    rows, cols = plan.tiling
+    image01 = unit_float_image(image_u8)
+    out = torch.empty((plan.num_crops, s * s, p * p * 3), dtype=torch.float32, device=image_u8.device)
+    global_canvas = normalised_canvas(image01, plan.global_pad, norm)
+    out[:1].view(1, 1, s, s, p, p, 3).copy_(patch_windows(global_canvas, (1, 1), crop, crop, p))
+    tiled_canvas = normalised_canvas(image01, plan.tiled_pad, norm)
+    out[1:].view(rows, cols, s, s, p, p, 3).copy_(
+        patch_windows(tiled_canvas, (rows, cols), plan.window_px, crop, p)
+    )
+    return out
+
+
+# ---------------------------------------------------------------------- tokens (from the tiling)
+@dataclass(frozen=True)
+class TokenLayout:
+    """Token ids and feature positions of one tiling (read-only arrays, shared by every image)."""
+
+    tokens: np.ndarray  # int64 [n_image_tokens]
+    patch_ordering: np.ndarray  # int64 [n_crops * tokens_per_crop], -1 = dropped feature
+    image_input_idx: np.ndarray  # int64 [n_crops, tokens_per_crop] position in ``tokens``, -100 dropped
+
+
+def _crop_patch_ordering(config: MolmoeConfig, tiling: tuple[int, int]) -> np.ndarray:
+    """Official pooled-feature ordering of the tiled crops: int64 [rows*cols*tokens_per_crop],
+    left-to-right over the whole image, -1 for features in the overlap margins."""
+    left_margin, right_margin = config.overlap_margins
+    base_patches = config.crop_patches
+    tok_side = config.tokens_per_crop_side
+    ordering_arr = []
+    on = 0
+    for i in range(tiling[0]):
+        crop_y0 = 0 if i == 0 else left_margin // 2
+        crop_h = base_patches - (right_margin + left_margin)
+        if i == 0:
+            crop_h += left_margin
+        if i == tiling[0] - 1:
+            crop_h += right_margin
+        for j in range(tiling[1]):
+            crop_x0 = 0 if j == 0 else left_margin // 2
+            crop_w = base_patches - (right_margin + left_margin)
+            if j == 0:
+                crop_w += left_margin
+            if j == tiling[1] - 1:
+                crop_w += right_margin
+            pooled_w = (crop_w + 1) // 2
+            pooled_h = (crop_h + 1) // 2
+            order = np.full((tok_side, tok_side), -1, dtype=np.int64)
+            order[crop_y0 : crop_y0 + pooled_h, crop_x0 : crop_x0 + pooled_w] = np.arange(
+                on, on + pooled_h * pooled_w, dtype=np.int64
+            ).reshape(pooled_h, pooled_w)
+            ordering_arr.append(order)
+            on += pooled_h * pooled_w
+    patch_ordering = np.stack(ordering_arr).reshape(-1)
+    valid = patch_ordering >= 0
+    # Transpose to left-to-right order over the whole image instead of crop-by-crop order.
+    ordering_rh = (
+        patch_ordering.reshape(tiling[0], tiling[1], tok_side, tok_side).transpose(0, 2, 1, 3).reshape(-1)
+    )
+    patch_ordering[valid] = ordering_rh[ordering_rh >= 0]
+    return patch_ordering
+
+
+@functools.lru_cache(maxsize=256)
+def token_layout(config: MolmoeConfig, tiling: tuple[int, int]) -> TokenLayout:
+    """Official token layout and patch ordering of a tiling (global crop first); cached."""
+    cfg = config
+    left_margin, right_margin = cfg.overlap_margins
+    window_patches = cfg.crop_patches - (left_margin + right_margin)
+    tok_side = cfg.tokens_per_crop_side
+    tokens_per_image = tok_side * tok_side
+    patch_ordering = _crop_patch_ordering(cfg, tiling)
+    h = tiling[0] * window_patches + (right_margin + left_margin)
+    w = tiling[1] * window_patches + (right_margin + left_margin)
+    per_row = np.concatenate([np.full(((w + 1) // 2,), cfg.image_patch_token_id), [cfg.image_col_token_id]])
+    crop_tokens = np.tile(per_row, [(h + 1) // 2])
+    patch_ordering = np.where(patch_ordering >= 0, patch_ordering + tokens_per_image, -1)
+    patch_ordering = np.concatenate([np.arange(0, tokens_per_image), patch_ordering], 0).astype(np.int64)
+    per_row = np.concatenate([np.full((tok_side,), cfg.image_patch_token_id), [cfg.image_col_token_id]])
+    global_tokens = np.tile(per_row, [tok_side])
+    tokens = np.concatenate(
+        [
+            [cfg.image_start_token_id],
+            global_tokens,
+            [cfg.image_end_token_id],
+            [cfg.image_start_token_id],
+            crop_tokens,
+            [cfg.image_end_token_id],
+        ]
+    ).astype(np.int64)
+    idx = build_image_input_idx(tokens, patch_ordering, cfg.image_patch_token_id, cfg.tokens_per_crop)
+    for arr in (tokens, patch_ordering, idx):
+        arr.flags.writeable = False
+    return TokenLayout(tokens=tokens, patch_ordering=patch_ordering, image_input_idx=idx)
+
+
+# ---------------------------------------------------------------------- numpy API (kept)
 @dataclass
 class ImageCrops:
     crops: np.ndarray  # float32 [n_crops, n_patches, patch_dim]
@@ -394,97 +637,23 @@ def image_to_crops(
     max_crops: int,
     replicate_mask_quirk: bool = True,
 ) -> ImageCrops:
-    """Official ``image_to_patches_and_tokens`` for RGB uint8 [H, W, 3]."""
-    cfg = config
-    patch = cfg.patch_size_px
-    crop_size = cfg.crop_size_px
-    base_patches = cfg.crop_patches
-    tok_side = cfg.tokens_per_crop_side
-    tokens_per_image = tok_side * tok_side
-    mean = np.array(cfg.image_mean, np.float32)
-    std = np.array(cfg.image_std, np.float32)
-    left_margin, right_margin = cfg.overlap_margins
-    total_margin_px = patch * (left_margin + right_margin)
-    window_patches = base_patches - (left_margin + right_margin)
-    window_px = window_patches * patch
-    height, width = image.shape[:2]
-    tiling = select_tiling(height - total_margin_px, width - total_margin_px, window_px, max_crops)
-    src, img_mask = _resize_and_pad(
-        image, (tiling[0] * window_px + total_margin_px, tiling[1] * window_px + total_margin_px), mean, std
-    )
-
-    patches_arr, mask_arr, ordering_arr = [], [], []
-    on = 0
-    for i in range(tiling[0]):
-        y0 = i * window_px
-        crop_y0 = 0 if i == 0 else left_margin // 2
-        crop_h = base_patches - (right_margin + left_margin)
-        if i == 0:
-            crop_h += left_margin
-        if i == tiling[0] - 1:
-            crop_h += right_margin
-        for j in range(tiling[1]):
-            x0 = j * window_px
-            crop_x0 = 0 if j == 0 else left_margin // 2
-            crop_w = base_patches - (right_margin + left_margin)
-            if j == 0:
-                crop_w += left_margin
-            if j == tiling[1] - 1:
-                crop_w += right_margin
-            pooled_w = (crop_w + 1) // 2
-            pooled_h = (crop_h + 1) // 2
-            order = np.full((tok_side, tok_side), -1, dtype=np.int64)
-            order[crop_y0 : crop_y0 + pooled_h, crop_x0 : crop_x0 + pooled_w] = np.arange(
-                on, on + pooled_h * pooled_w, dtype=np.int64
-            ).reshape(pooled_h, pooled_w)
-            ordering_arr.append(order)
-            patches_arr.append(src[y0 : y0 + crop_size, x0 : x0 + crop_size])
-            mask_arr.append(img_mask[y0 : y0 + crop_size, x0 : x0 + crop_size])
-            on += pooled_h * pooled_w
-
-    patches = _patchify(np.stack(patches_arr), patch)
-    masks = _patchify(np.stack(mask_arr), patch).astype(np.float32).mean(axis=-1)
-    patch_ordering = np.stack(ordering_arr).reshape(-1)
-    valid = patch_ordering >= 0
-    # Transpose to left-to-right order over the whole image instead of crop-by-crop order.
-    ordering_rh = (
-        patch_ordering.reshape(tiling[0], tiling[1], tok_side, tok_side).transpose(0, 2, 1, 3).reshape(-1)
-    )
-    patch_ordering[valid] = ordering_rh[ordering_rh >= 0]
-
-    h = tiling[0] * window_patches + (right_margin + left_margin)
-    w = tiling[1] * window_patches + (right_margin + left_margin)
-    per_row = np.concatenate([np.full(((w + 1) // 2,), cfg.image_patch_token_id), [cfg.image_col_token_id]])
-    crop_tokens = np.tile(per_row, [(h + 1) // 2])
-
-    resized, global_mask = _resize_and_pad(image, (crop_size, crop_size), mean, std)
-    patches = np.concatenate([_patchify(resized[None], patch), patches], 0)
-    patch_ordering = np.where(patch_ordering >= 0, patch_ordering + tokens_per_image, -1)
-    patch_ordering = np.concatenate([np.arange(0, tokens_per_image), patch_ordering], 0)
-    per_row = np.concatenate([np.full((tok_side,), cfg.image_patch_token_id), [cfg.image_col_token_id]])
-    global_tokens = np.tile(per_row, [tok_side])
-    tokens = np.concatenate(
-        [
-            [cfg.image_start_token_id],
-            global_tokens,
-            [cfg.image_end_token_id],
-            [cfg.image_start_token_id],
-            crop_tokens,
-            [cfg.image_end_token_id],
-        ]
-    ).astype(np.int64)
-    if replicate_mask_quirk:
-        masks = np.pad(masks, [[0, 1], [0, 0]], constant_values=-1)
-    else:  # the "corrected" alignment: the global crop gets its own mask (tests/ablations only)
-        global_patch_mask = _patchify(global_mask[None], patch).astype(np.float32).mean(axis=-1)
-        masks = np.concatenate([global_patch_mask, masks], 0)
+    """Official ``image_to_patches_and_tokens`` for RGB uint8 [H, W, 3] (numpy in, numpy out)."""
+    plan = crop_plan(image.shape[0], image.shape[1], config, max_crops)
+    pixels = crop_pixels(_host_tensor(image), plan, Normalisation.build(config))
+    layout = token_layout(config, plan.tiling)
     return ImageCrops(
-        crops=patches.astype(np.float32),
-        tokens=tokens,
-        patch_ordering=patch_ordering.astype(np.int64),
-        masks=masks.astype(np.float32),
-        tiling=tiling,
+        crops=pixels.numpy(),
+        tokens=layout.tokens.copy(),
+        patch_ordering=layout.patch_ordering.copy(),
+        masks=crop_masks(plan, replicate_mask_quirk),
+        tiling=plan.tiling,
     )
+
+
+def _host_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] numpy -> a CPU tensor sharing its memory (copied only if not C-contiguous
+    or read-only)."""
+    return torch.from_numpy(np.require(image, requirements=["C", "W"]))
 
 
 def build_image_input_idx(
@@ -569,6 +738,7 @@ class MolmoPreprocessor:
         self.tokenizer = tokenizer
         self.limits = limits
         self.apply_exif_orientation = apply_exif_orientation
+        self._norms: dict[torch.device, Normalisation] = {}
 
     def prompt_ids(self, question: str) -> list[int]:
         """Token ids of the official "role" prompt ``" User: {question} Assistant:"`` (no BOS)."""
@@ -593,45 +763,65 @@ class MolmoPreprocessor:
         image: Any = None,
         max_crops: int | None = None,
         replicate_mask_quirk: bool = True,
+        device: torch.device | str | None = None,
     ) -> MolmoInputs:
-        """Build the model inputs. ``image`` may be bytes, a PIL image, an RGB uint8 array or None."""
+        """Build the model inputs. ``image`` may be bytes, a PIL image, an RGB uint8 array or None.
+
+        ``device=None``: the pixels are processed on the CPU and every tensor is returned on the CPU
+        (bit-identical to the released processor's math). With a torch device (e.g. ``"cuda"``) the
+        decoded uint8 image is uploaded once and resized/padded/normalised/cut there, and every
+        returned tensor is already on that device; pixel values may then differ from the CPU path by
+        float rounding of the same ops (<= 1e-5), the masks, ids and positions are identical (they
+        come from the image size alone)."""
         cfg = self.config
         text_ids = np.asarray(self.prompt_ids(question), dtype=np.int64)
         bos = np.asarray([self.tokenizer.bos_id], dtype=np.int64)
         if image is None:
-            return MolmoInputs(input_ids=torch.from_numpy(np.concatenate([bos, text_ids])))
+            return MolmoInputs(input_ids=_to_device(np.concatenate([bos, text_ids]), device))
         max_crops = int(max_crops if max_crops is not None else cfg.max_crops)
         rgb = image if _is_rgb_array(image) and self._within_limits(image) else self.load_image(image)
-        crops = image_to_crops(rgb, cfg, max_crops, replicate_mask_quirk=replicate_mask_quirk)
-        idx = build_image_input_idx(
-            crops.tokens, crops.patch_ordering, cfg.image_patch_token_id, cfg.tokens_per_crop
-        )
+        height, width = rgb.shape[:2]
+        plan = crop_plan(height, width, cfg, max_crops)
+        layout = image_layout(width, height, cfg, max_crops)
+        tokens = token_layout(cfg, plan.tiling)
+        self._check_layout(layout, plan, tokens)
+        image_u8 = _host_tensor(rgb)
+        if device is not None:
+            image_u8 = image_u8.to(device)
+        pixels = crop_pixels(image_u8, plan, self._normalisation(image_u8.device))
         # The image goes first; BOS is prepended, shifting every feature position by one.
-        input_ids = np.concatenate([bos, crops.tokens, text_ids])
+        input_ids = np.concatenate([bos, tokens.tokens, text_ids])
+        idx = tokens.image_input_idx
         idx = np.where(idx < 0, idx, idx + 1)
-        layout = image_layout(rgb.shape[1], rgb.shape[0], cfg, max_crops)
-        n_patch_tokens = int((crops.tokens == cfg.image_patch_token_id).sum())
-        if (
-            layout.tiling != crops.tiling
-            or layout.num_crops != crops.crops.shape[0]
-            or layout.num_image_tokens != crops.tokens.shape[0]
-            or layout.num_patch_tokens != n_patch_tokens
-        ):
-            raise AssertionError(
-                f"layout {layout} disagrees with the crops made ({crops.tiling}, {crops.crops.shape})"
-            )
         return MolmoInputs(
-            input_ids=torch.from_numpy(input_ids),
-            images=torch.from_numpy(crops.crops),
-            image_masks=torch.from_numpy(crops.masks),
-            image_input_idx=torch.from_numpy(idx),
+            input_ids=_to_device(input_ids, device),
+            images=pixels,
+            image_masks=_to_device(crop_masks(plan, replicate_mask_quirk), device),
+            image_input_idx=_to_device(idx, device),
             num_crops=layout.num_crops,
             num_patch_tokens=layout.num_patch_tokens,
             num_image_tokens=layout.num_image_tokens,
             tiling=layout.tiling,
-            image_size=(int(rgb.shape[1]), int(rgb.shape[0])),
+            image_size=(int(width), int(height)),
             max_crops=max_crops,
         )
+
+    def _normalisation(self, device: torch.device) -> Normalisation:
+        """The mean/std constants on ``device`` (built once per device)."""
+        norm = self._norms.get(device)
+        if norm is None:
+            norm = self._norms[device] = Normalisation.build(self.config, device)
+        return norm
+
+    def _check_layout(self, layout: ImageLayout, plan: CropPlan, tokens: TokenLayout) -> None:
+        n_patch_tokens = int((tokens.tokens == self.config.image_patch_token_id).sum())
+        if (
+            layout.tiling != plan.tiling
+            or layout.num_crops != plan.num_crops
+            or layout.num_image_tokens != tokens.tokens.shape[0]
+            or layout.num_patch_tokens != n_patch_tokens
+        ):
+            raise AssertionError(f"layout {layout} disagrees with the crop plan {plan}")
 
     def _within_limits(self, arr: np.ndarray) -> bool:
         h, w = arr.shape[:2]
@@ -642,3 +832,10 @@ def _is_rgb_array(x: Any) -> bool:
     return (
         isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 and x.shape[-1] == 3 and x.size > 0
     )
+
+
+def _to_device(arr: np.ndarray, device: torch.device | str | None) -> torch.Tensor:
+    """``arr`` as a tensor on ``device`` (on the CPU it shares memory: pass only arrays this request
+    owns, never a cached :class:`TokenLayout` array)."""
+    t = torch.from_numpy(arr)
+    return t if device is None else t.to(device)
