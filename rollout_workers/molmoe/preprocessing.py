@@ -20,6 +20,14 @@ Deviations from the released processor, all documented: images are decoded with 
 (see :class:`DecodeLimits`: huge images are downscaled before cropping), EXIF orientation is applied
 (the released processor computes ``exif_transpose`` but then discards it), and transparent images are
 composited on white (the released processor drops alpha).
+
+Implementation (fast path, tested bit-identical on the CPU to the earlier numpy implementation):
+the pixels go through one torch code path on any device (:func:`crop_pixels`): uint8 -> float32/255
+once for both resizes, each resized image normalised in place and written once into its padded
+canvas (padding filled with ``(0 - mean) / std``), all crops cut and patchified by one strided copy.
+Masks come from the resize geometry (:func:`crop_masks`), token ids and feature positions from the
+tiling alone (:func:`token_layout`, cached). ``MolmoPreprocessor.preprocess(..., device=...)`` runs
+the pixel work on that device.
 """
 
 from __future__ import annotations
@@ -416,7 +424,9 @@ def crop_plan(height: int, width: int, config: MolmoeConfig, max_crops: int) -> 
 
 
 # ---------------------------------------------------------------------- masks (from the geometry)
-def _pixels_on_image(pad: PadGeometry, axis: int, origins_px: np.ndarray, n_patches: int, patch_px: int):
+def _pixels_on_image(
+    pad: PadGeometry, axis: int, origins_px: np.ndarray, n_patches: int, patch_px: int
+) -> np.ndarray:
     """int64 [len(origins_px), n_patches]: for crops starting at ``origins_px`` along ``axis``
     (0 = rows, 1 = columns) of the canvas, how many pixel rows/columns of each patch band lie on
     the resized image rather than on the padding."""
@@ -511,7 +521,7 @@ def _fill_padding(canvas: torch.Tensor, pad: PadGeometry, value: torch.Tensor) -
 
 def patch_windows(
     canvas: torch.Tensor, grid_rc: tuple[int, int], stride_px: int, crop_px: int, patch_px: int
-):
+) -> torch.Tensor:
     """View of ``grid_rc`` = (rows, cols) square crops of ``crop_px`` cut from canvas [H, W, 3] every
     ``stride_px`` pixels, patchified: [rows, cols, s, s, p, p, 3] in (h, w, dh, dw, c) order, with
     s = crop_px / patch_px and p = patch_px. No copy is made."""
