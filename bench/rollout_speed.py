@@ -215,7 +215,6 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=4, help="prompts of the fast-vs-eager token check")
     ap.add_argument("--ab-pairs", type=int, default=200)
     ap.add_argument("--max-len", type=int, default=2048)
-    ap.add_argument("--kv-bucket", type=int, default=256)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -241,7 +240,7 @@ def main() -> int:
 
     # ---------------- fast engine
     model = random_full_size(device, torch.bfloat16, seed=0).eval()
-    fast_exec = FastEngine(model, max_len=args.max_len, kv_bucket=args.kv_bucket)
+    fast_exec = FastEngine(model, max_len=args.max_len, top_k_max=max(space.top_ks))
     fast = RequestEngine(model, pre, space, importance, executor=fast_exec)
     ctl = TwoStageController(space, cfg.d_model, token_rms=fast.token_rms())
     t0 = time.perf_counter()
@@ -250,6 +249,7 @@ def main() -> int:
         fast.serve(image, QUESTION, 1000.0, ctl, max_new_tokens=4)
     warm["seconds_with_first_requests"] = time.perf_counter() - t0
     warm["gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    print(f"fast warm-up: compiled={warm['compiled']} {warm.get('compile_error', '')}")
     print(f"fast warm-up: {warm['graphs']} graphs in {warm['seconds']:.1f} s "
           f"({warm['seconds_with_first_requests']:.1f} s with first requests); peak memory {warm['gpu_memory_gib']:.1f} GiB",
           flush=True)

@@ -1,4 +1,5 @@
-"""The fast batch-1 engine (issue 8): static KV cache, grouped expert GEMMs, CUDA graphs for decode.
+"""The fast batch-1 engine (issue 8): static KV cache, grouped expert GEMMs, fused layer functions and
+CUDA graphs.
 
 Same model, same weights (the transformers modules' parameters are read in place, nothing is
 copied), same knob semantics as :class:`rollout_workers.executors.EagerEngine`; what changes is how
@@ -7,40 +8,159 @@ the blocks run:
 * **Static KV cache**: one preallocated [1, kv_heads, max_len, head_dim] pair per block. Prefill
   writes positions 0..T-1; a decode step writes its own position and attends to positions <= it, so
   the budget token's entry (position T) needs no removal: the first decode step overwrites it.
-* **Experts as grouped GEMMs** (``torch.nn.functional.grouped_mm``): the (token, expert) pairs are
-  sorted by expert and each expert's weights are read once, only for experts that have tokens. No
-  host synchronisation, so a step can be captured. The routed outputs are summed per token in
-  ascending expert order in the model dtype, as transformers' eager loop does (its ``index_add_``),
-  so bf16 results follow the eager engine's rounding.
-* **CUDA graphs for decode**: one graph per (block, top_k, KV bucket). A decode step replays the
-  embedding graph, the graph of each executed block at its top_k, and the head graph; keys/values
-  are attended up to the step's KV bucket (``kv_bucket`` positions), so a short prompt does not
-  read the whole cache. :meth:`FastEngine.warmup` captures every graph the knob space can ask for,
-  so switching settings between requests never captures or compiles anything.
-* Prefill and the vision encoder run eagerly (their lengths vary per request) with the same grouped
-  experts and SDPA attention. The vision tower runs in the LLM's dtype.
+* **top_k is data, not shape**: the router always takes the top ``k_max`` experts and the ranks
+  >= the block's top_k are sent to a sentinel expert that the grouped GEMM skips (its rows lie past
+  the last offset), so one captured graph serves every top_k and no weights of unused experts move.
+* **Experts as grouped GEMMs** (``torch.nn.functional.grouped_mm``): (token, expert) pairs sorted by
+  expert, each selected expert's weights read once. The routed outputs are summed per token in
+  ascending expert order in the model dtype, as transformers' eager loop does (its ``index_add_``).
+* **Fused layer functions**: one block's decode step and one block's prefill are plain functions of
+  tensors; on CUDA they are compiled with ``torch.compile`` (elementwise work fused into a few
+  kernels; one compilation serves every block and every top_k; prefill is compiled with a dynamic
+  length). Without a compiler (or ``compile=False``) the same functions run eagerly.
+* **CUDA graphs**: one decode graph per block (every top_k and position: they are tensors), one for
+  the embedding and one for the head; one vision graph per crop count. :meth:`FastEngine.warmup`
+  captures all of them, so switching knob settings between requests never captures or compiles.
 
-On CPU the same code runs without graphs (tests compare it with the eager engine there).
+On CPU the same functions run without graphs or compilation (tests compare them with the eager
+engine there).
 """
 from __future__ import annotations
 
+import logging
 import time
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+
+# ================================================================================ layer maths (pure)
+class BlockWeights(NamedTuple):
+    """One LLM block's parameters (views of the transformers modules' tensors)."""
+    ln1: torch.Tensor          # [D]
+    wq: torch.Tensor           # [H*hd, D]
+    wk: torch.Tensor           # [KV*hd, D]
+    wv: torch.Tensor           # [KV*hd, D]
+    q_norm: torch.Tensor       # [H*hd]
+    k_norm: torch.Tensor       # [KV*hd]
+    wo: torch.Tensor           # [D, H*hd]
+    ln2: torch.Tensor          # [D]
+    router: torch.Tensor       # [E, D]
+    gate_up: torch.Tensor      # [E, 2I, D]
+    down: torch.Tensor         # [E, D, I]
+
+
+class Shape(NamedTuple):
+    """Static sizes and constants of the LLM blocks (Python numbers: specialised by the compiler)."""
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    eps: float
+    clip_qkv: Optional[float]
+    k_max: int
+    scaling: float
+    grouped: bool
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' OlmoeRMSNorm: float32 statistics, result cast back, then scaled."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype):
+    """pos [T] (long) -> cos, sin [1, 1, T, head_dim] in ``dtype`` (transformers' default RoPE)."""
+    freqs = pos.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scale).to(dtype)[None, None], (emb.sin() * scale).to(dtype)[None, None]
+
+
+def qkv(w: BlockWeights, s: Shape, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """xn [1, T, D] (normed) -> q [1, H, T, hd], k, v [1, KV, T, hd]: q/k norms, clipping, RoPE."""
+    T = xn.shape[1]
+    q = rms_norm(F.linear(xn, w.wq), w.q_norm, s.eps)
+    k = rms_norm(F.linear(xn, w.wk), w.k_norm, s.eps)
+    v = F.linear(xn, w.wv)
+    if s.clip_qkv is not None:
+        q, k, v = q.clamp(-s.clip_qkv, s.clip_qkv), k.clamp(-s.clip_qkv, s.clip_qkv), v.clamp(-s.clip_qkv, s.clip_qkv)
+    q = q.view(1, T, s.n_heads, s.head_dim).transpose(1, 2)
+    k = k.view(1, T, s.n_kv, s.head_dim).transpose(1, 2)
+    v = v.view(1, T, s.n_kv, s.head_dim).transpose(1, 2)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+
+def expert_mm(rows: torch.Tensor, w: torch.Tensor, expert_of_row: torch.Tensor, offs: torch.Tensor,
+              grouped: bool) -> torch.Tensor:
+    """rows [R, in] sorted by expert (sentinel rows, expert id E, last), w [E, out, in] ->
+    rows @ w[expert].T [R, out]; rows past ``offs[-1]`` are unspecified (callers mask them)."""
+    if grouped:
+        return F.grouped_mm(rows, w.transpose(1, 2), offs=offs)
+    e = expert_of_row.clamp(max=w.shape[0] - 1)
+    return torch.bmm(rows[:, None, :], w[e].transpose(1, 2))[:, 0]    # reads weights per row (tests, old GPUs)
+
+
+def moe(w: BlockWeights, s: Shape, x: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """x [N, D], top_k a 0-d long tensor -> routed expert output [N, D] (softmax router, top_k of the
+    probabilities without renormalisation, as OLMoE)."""
+    n, E, kmax = x.shape[0], w.router.shape[0], s.k_max
+    logits = F.linear(x, w.router)                                          # [N, E]
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, idx = torch.topk(probs, kmax, dim=-1)                          # [N, kmax], descending
+    rank = torch.arange(kmax, device=x.device)
+    idx = torch.where(rank < top_k, idx, E)                                  # ranks >= top_k -> sentinel
+    idx, order = idx.sort(dim=-1)                                           # ascending expert per token
+    weights = weights.gather(-1, order).to(logits.dtype)
+    flat = idx.reshape(-1)                                                  # [N*kmax]
+    expert_of_row, perm = flat.sort(stable=True)
+    rows = x[perm // kmax]                                                  # grouped by expert
+    counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, expert_of_row, torch.ones_like(expert_of_row, dtype=torch.int32))
+    offs = torch.cumsum(counts[:E], 0, dtype=torch.int32)                  # the sentinel group is left out
+    gate, up = expert_mm(rows, w.gate_up, expert_of_row, offs, s.grouped).chunk(2, dim=-1)
+    out = expert_mm(F.silu(gate) * up, w.down, expert_of_row, offs, s.grouped)   # [N*kmax, D]
+    out = torch.where((expert_of_row < E)[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    routed = torch.empty_like(out).index_copy_(0, perm, out).view(n, kmax, -1) * weights[..., None]
+    acc = routed[:, 0]
+    for j in range(1, kmax):               # eager's per-expert index_add_ order; inactive slots add 0
+        acc = acc + routed[:, j]
+    return acc
+
+
+def block_prefill(w: BlockWeights, s: Shape, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """x [1, T, D] at positions 0..T-1 -> [1, T, D]; writes keys/values [1, KV, :T, hd] of this block."""
+    T = x.shape[1]
+    q, k, v = qkv(w, s, rms_norm(x, w.ln1, s.eps), cos, sin)
+    k_cache[:, :, :T] = k
+    v_cache[:, :, :T] = v
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s.scaling, enable_gqa=s.n_kv != s.n_heads)
+    x = x + F.linear(o.transpose(1, 2).reshape(1, T, -1), w.wo)
+    y = moe(w, s, rms_norm(x, w.ln2, s.eps).view(T, -1), top_k)
+    return x + y.view(1, T, -1)
+
+
+def block_decode(w: BlockWeights, s: Shape, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 top_k: torch.Tensor) -> torch.Tensor:
+    """x [1, 1, D] at position ``pos`` [1] -> [1, 1, D]; writes this position's keys/values and attends
+    to the cache under ``mask`` [max_len] (True at positions <= pos)."""
+    q, k, v = qkv(w, s, rms_norm(x, w.ln1, s.eps), cos, sin)
+    k_cache.index_copy_(2, pos, k)
+    v_cache.index_copy_(2, pos, v)
+    o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask.view(1, 1, 1, -1), scale=s.scaling,
+                                       enable_gqa=s.n_kv != s.n_heads)
+    x = x + F.linear(o.transpose(1, 2).reshape(1, 1, -1), w.wo)
+    y = moe(w, s, rms_norm(x, w.ln2, s.eps).view(1, -1), top_k)
+    return x + y.view(1, 1, -1)
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -56,19 +176,30 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+def block_weights(layer) -> BlockWeights:
+    a, mlp = layer.self_attn, layer.mlp
+    return BlockWeights(layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                        a.q_norm.weight, a.k_norm.weight, a.o_proj.weight, layer.post_attention_layernorm.weight,
+                        mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj)
+
+
+# ================================================================================ the engine
 class FastEngine:
     """Batch-1 engine over a loaded ``MolmoeModel`` (eval mode, on its device).
 
     Args:
         model: the model; its vision tower and connector are cast to the LLM dtype.
-        max_len: positions the static cache holds (prompt + budget token + answer).
-        kv_bucket: decode attends to the cache in multiples of this many positions.
-        use_graphs: capture decode steps as CUDA graphs (default: on CUDA).
+        max_len: positions the static cache holds (prompt + budget token + answer); decode attends to
+            all of them under a mask, so a smaller cache reads fewer bytes per token.
+        use_graphs: capture decode steps and the vision tower as CUDA graphs (default: on CUDA).
+        compile: fuse the layer functions with ``torch.compile`` (default: on CUDA).
+        top_k_max: the largest top_k a request may ask for (default: the model's native top_k).
     """
 
     name = "fast"
 
-    def __init__(self, model, *, max_len: int = 2048, kv_bucket: int = 256, use_graphs: Optional[bool] = None):
+    def __init__(self, model, *, max_len: int = 2048, use_graphs: Optional[bool] = None,
+                 compile: Optional[bool] = None, top_k_max: Optional[int] = None):
         self.model = model.eval()
         cfg = model.config
         self.cfg = cfg
@@ -77,35 +208,46 @@ class FastEngine:
             model.vision.to(dt)
             model.connector.to(dt)
         self.device, self.dtype = dev, dt
-        self.n_layers = cfg.n_layers
-        self.n_heads, self.n_kv = cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.native_k = cfg.top_k
-        self.eps = cfg.layer_norm_eps
-        self.clip_qkv = cfg.clip_qkv
-        self.max_len = int(max_len)
-        self.kv_bucket = max(1, min(int(kv_bucket), self.max_len))
-        self.use_graphs = (dev.type == "cuda") if use_graphs is None else bool(use_graphs)
-        if self.use_graphs and dev.type != "cuda":
+        cuda = dev.type == "cuda"
+        self.use_graphs = cuda if use_graphs is None else bool(use_graphs)
+        if self.use_graphs and not cuda:
             raise ValueError("CUDA graphs need a CUDA device")
-        self.layers = model.llm.model.layers
+        self.compile = cuda if compile is None else bool(compile)
+        self.n_layers = cfg.n_layers
+        self.native_k = cfg.top_k
+        self.max_len = int(max_len)
+        layers = model.llm.model.layers
+        self.weights = [block_weights(layer) for layer in layers]
+        self.shape = Shape(cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads, float(cfg.layer_norm_eps),
+                           None if cfg.clip_qkv is None else float(cfg.clip_qkv),
+                           max(self.native_k, int(top_k_max or 0)), float(layers[0].self_attn.scaling),
+                           grouped_mm_supported(dev, dt))
         rot = model.llm.model.rotary_emb
         self.inv_freq = rot.inv_freq.to(device=dev, dtype=torch.float32)
         self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
-        self.grouped = grouped_mm_supported(dev, dt)
-        shape = (self.n_layers, 1, self.n_kv, self.max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, device=dev, dtype=dt)
-        self.v_cache = torch.zeros(shape, device=dev, dtype=dt)
-        # static decode buffers (graph inputs/outputs)
+        hd = self.shape.head_dim
+        # one tensor per block (not views of one: compiled code then sees identical inputs for every block)
+        shape = (1, cfg.n_kv_heads, self.max_len, hd)
+        self.k_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(self.n_layers)]
+        self.v_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(self.n_layers)]
+        # per-block top_k as device data (changed only when a request changes it), static decode buffers
+        self._top_k = [torch.full((), self.native_k, dtype=torch.long, device=dev) for _ in range(self.n_layers)]
+        self._top_k_host: list[int] = [self.native_k] * self.n_layers
         self._tok = torch.zeros(1, dtype=torch.long, device=dev)
         self._pos = torch.zeros(1, dtype=torch.long, device=dev)
         self._x = torch.zeros(1, 1, cfg.d_model, device=dev, dtype=dt)
-        self._cos = torch.zeros(1, 1, 1, self.head_dim, device=dev, dtype=dt)
-        self._sin = torch.zeros(1, 1, 1, self.head_dim, device=dev, dtype=dt)
+        self._cos = torch.zeros(1, 1, 1, hd, device=dev, dtype=dt)
+        self._sin = torch.zeros(1, 1, 1, hd, device=dev, dtype=dt)
         self._mask = torch.zeros(self.max_len, dtype=torch.bool, device=dev)
         self._arange = torch.arange(self.max_len, device=dev)
         self._logits = torch.zeros(1, 1, cfg.embedding_size, device=dev, dtype=dt)
+        self._decode_fn = block_decode
+        self._prefill_fn = block_prefill
+        if self.compile:
+            self._decode_fn = torch.compile(block_decode, dynamic=False)
+            self._prefill_fn = torch.compile(block_prefill, dynamic=True)
         self._graphs: dict = {}
+        self._vision: dict = {}
         self._pool = None
         self.captured = 0
         self.captures_after_warmup = 0
@@ -120,7 +262,7 @@ class FastEngine:
         """MolmoInputs (on the device) -> input embeddings [1, T, d_model]."""
         feats = None
         if inputs.images is not None:
-            feats = self.model.encode_images(inputs.images, inputs.image_masks)
+            feats = self._encode_images(inputs.images, inputs.image_masks)
         return self.model.embed(inputs.input_ids, image_features=feats, image_input_idx=inputs.image_input_idx)
 
     @torch.no_grad()
@@ -129,12 +271,13 @@ class FastEngine:
         T = x.shape[1]
         if T > self.max_len:
             raise ValueError(f"a prompt of {T} tokens exceeds the fast engine's cache of {self.max_len} "
-                             f"positions (model.max_len)")
-        pos = torch.arange(T, device=self.device)
-        cos, sin = self._rope(pos)
+                             f"positions (model.fast_max_len)")
+        self._set_top_k(block_ids, top_k)
+        cos, sin = rope_cos_sin(torch.arange(T, device=self.device), self.inv_freq, self.rope_scale, self.dtype)
         h = x
         for b in block_ids:
-            h = self._block_prefill(b, h, cos, sin, int(top_k.get(b, self.native_k)))
+            h = self._prefill_fn(self.weights[b], self.shape, h, cos, sin, self.k_cache[b], self.v_cache[b],
+                                 self._top_k[b])
         return h
 
     def truncate(self, length: int, block_ids: Sequence[int]) -> None:
@@ -147,167 +290,136 @@ class FastEngine:
     @torch.no_grad()
     def decode_step(self, token_id: int, position: int, block_ids: Sequence[int],
                     top_k: Mapping[int, int]) -> torch.Tensor:
-        """One token at ``position`` -> logits [1, 1, V] (a static buffer on CUDA: read it before the next step)."""
+        """One token at ``position`` -> logits [1, 1, V] (a static buffer: read it before the next step)."""
         if position >= self.max_len:
-            raise ValueError(f"position {position} is beyond the fast engine's cache of {self.max_len}")
+            raise ValueError(f"position {position} is beyond the fast engine's cache of {self.max_len} "
+                             f"positions (model.fast_max_len)")
+        self._set_top_k(block_ids, top_k)
         self._tok.fill_(int(token_id))
         self._pos.fill_(int(position))
-        bucket = self._bucket(position)
         if not self.use_graphs:
             self._embed_step()
             for b in block_ids:
-                self._block_step(b, int(top_k.get(b, self.native_k)), bucket)
+                self._block_step(b)
             self._head_step()
             return self._logits
         self._graph(("embed",), self._embed_step).replay()
         for b in block_ids:
-            k = int(top_k.get(b, self.native_k))
-            self._graph(("block", int(b), k, bucket), lambda b=b, k=k: self._block_step(b, k, bucket)).replay()
+            self._graph(("block", int(b)), lambda b=b: self._block_step(b)).replay()
         self._graph(("head",), self._head_step).replay()
         return self._logits
 
     # ------------------------------------------------------------------ warm-up / graphs
     @torch.no_grad()
-    def warmup(self, space=None, top_ks: Optional[Sequence[int]] = None) -> dict:
-        """Capture every decode graph a request can use: each block at the native top_k and at every
-        top_k option, for every KV bucket. Returns {"graphs", "seconds"}."""
+    def warmup(self, space=None, crop_counts: Optional[Sequence[int]] = None) -> dict:
+        """Compile the layer functions and capture every graph a request can use: the embedding, each
+        block and the head for decode, and the vision tower for every crop count the knob space allows.
+        Returns {"graphs", "seconds", "compiled"} (and "compile_error" when compilation fell back)."""
         t0 = time.perf_counter()
+        if space is not None and max(space.top_ks) > self.shape.k_max:
+            raise ValueError(f"top_k options up to {max(space.top_ks)} but the engine was built for at most "
+                             f"{self.shape.k_max} (top_k_max)")
+        report: dict = {"compiled": self.compile}
+        if self.compile:     # compile prefill once for a dynamic length (two lengths mark it dynamic)
+            try:
+                for T in (17, 33):
+                    x = torch.zeros(1, T, self.cfg.d_model, device=self.device, dtype=self.dtype)
+                    self.prefill(x, [0], {})
+                self._decode_fn(self.weights[0], self.shape, self._x, self._pos, self._cos, self._sin, self._mask,
+                                self.k_cache[0], self.v_cache[0], self._top_k[0])
+            except Exception as exc:     # no compiler toolchain, unsupported op: run the same functions eagerly
+                log.warning("torch.compile failed (%s: %s); the fast engine runs its layer functions uncompiled",
+                            type(exc).__name__, exc)
+                self.compile, self._decode_fn, self._prefill_fn = False, block_decode, block_prefill
+                report.update(compiled=False, compile_error=f"{type(exc).__name__}: {exc}"[:500])
         if self.use_graphs:
-            ks = sorted({self.native_k, *(space.top_ks if space is not None else ()), *(top_ks or ())})
-            buckets = range(self.kv_bucket, self.max_len + self.kv_bucket, self.kv_bucket)
             self._pos.fill_(0)
             self._graph(("embed",), self._embed_step)
             self._graph(("head",), self._head_step)
             for b in range(self.n_layers):
-                for k in ks:
-                    for bucket in buckets:
-                        bucket = min(bucket, self.max_len)
-                        self._graph(("block", b, k, bucket), lambda b=b, k=k, n=bucket: self._block_step(b, k, n))
+                self._graph(("block", b), lambda b=b: self._block_step(b))
+            if crop_counts is None and space is not None:
+                crop_counts = range(1, max(space.tier_max_crops) + 2)     # global view + up to max_crops crops
+            for n in crop_counts or ():
+                self._vision_graph(int(n))
             torch.cuda.synchronize()
         self._warm = True
-        return {"graphs": len(self._graphs), "seconds": time.perf_counter() - t0}
+        report.update(graphs=len(self._graphs) + len(self._vision), seconds=time.perf_counter() - t0)
+        return report
 
-    def _bucket(self, position: int) -> int:
-        n = (position // self.kv_bucket + 1) * self.kv_bucket
-        return min(n, self.max_len)
+    def _set_top_k(self, block_ids: Sequence[int], top_k: Mapping[int, int]) -> None:
+        want = [int(top_k.get(b, self.native_k)) for b in range(self.n_layers)]
+        bad = [k for k in want if not 1 <= k <= self.shape.k_max]
+        if bad:
+            raise ValueError(f"top_k {bad[0]} outside 1..{self.shape.k_max} (the fast engine's top_k_max)")
+        for b, (k, old) in enumerate(zip(want, self._top_k_host)):
+            if k != old:
+                self._top_k[b].fill_(k)
+        self._top_k_host = want
 
     def _graph(self, key, fn):
         g = self._graphs.get(key)
-        if g is not None:
-            return g
+        if g is None:
+            g = self._capture(fn)
+            self._graphs[key] = g
+        return g
+
+    def _capture(self, fn):
         if self._warm:
             self.captures_after_warmup += 1
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):    # warm-up run outside the capture (allocator, lazy init)
-            fn()
+        with torch.cuda.stream(side):    # warm-up runs outside the capture (allocator, compilation, lazy init)
+            for _ in range(2):
+                fn()
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool):
             fn()
-        self._graphs[key] = g
         self.captured += 1
         return g
 
     # ------------------------------------------------------------------ decode step pieces (graph bodies)
     def _embed_step(self) -> None:
         self._x.copy_(self.model.embed_tokens(self._tok))
-        cos, sin = self._rope(self._pos)
+        cos, sin = rope_cos_sin(self._pos, self.inv_freq, self.rope_scale, self.dtype)
         self._cos.copy_(cos)
         self._sin.copy_(sin)
         torch.le(self._arange, self._pos, out=self._mask)
 
-    def _block_step(self, b: int, k: int, kv_len: int) -> None:
-        layer = self.layers[b]
-        x = self._x
-        a = layer.self_attn
-        q, kk, v = self._qkv(layer, _rms_norm(x, layer.input_layernorm.weight, self.eps), self._cos, self._sin)
-        self.k_cache[b].index_copy_(2, self._pos, kk)
-        self.v_cache[b].index_copy_(2, self._pos, v)
-        keys = self.k_cache[b][:, :, :kv_len]
-        values = self.v_cache[b][:, :, :kv_len]
-        mask = self._mask[:kv_len].view(1, 1, 1, kv_len)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scaling,
-                                           enable_gqa=self.n_kv != self.n_heads)
-        x = x + a.o_proj(o.transpose(1, 2).reshape(1, 1, -1))
-        y = self._moe(b, _rms_norm(x, layer.post_attention_layernorm.weight, self.eps).view(1, -1), k)
-        self._x.copy_(x + y.view(1, 1, -1))
+    def _block_step(self, b: int) -> None:
+        out = self._decode_fn(self.weights[b], self.shape, self._x, self._pos, self._cos, self._sin, self._mask,
+                              self.k_cache[b], self.v_cache[b], self._top_k[b])
+        self._x.copy_(out)
 
     def _head_step(self) -> None:
         self._logits.copy_(self.model.head(self._x))
 
-    # ------------------------------------------------------------------ shared maths
-    def _rope(self, pos: torch.Tensor):
-        """pos [T] (long) -> cos, sin [1, 1, T, head_dim] in the model dtype (transformers' default RoPE)."""
-        freqs = pos.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scale).to(self.dtype)[None, None]
-        sin = (emb.sin() * self.rope_scale).to(self.dtype)[None, None]
-        return cos, sin
+    # ------------------------------------------------------------------ vision
+    def _encode_images(self, images: torch.Tensor, image_masks: Optional[torch.Tensor]) -> torch.Tensor:
+        """[n_crops, n_patches, patch_dim] -> [n_crops, tokens_per_crop, d_model], replaying the crop
+        count's graph when there is one (a mask is always passed inside graphs: ones when absent)."""
+        if images.dim() == 4 and images.shape[0] == 1:
+            images = images[0]
+        if image_masks is not None and image_masks.dim() == 3 and image_masks.shape[0] == 1:
+            image_masks = image_masks[0]
+        if not self.use_graphs or image_masks is None:
+            return self.model.encode_images(images, image_masks)
+        g, x_in, m_in, out = self._vision_graph(images.shape[0])   # captured at warm-up for every count
+        x_in.copy_(images)
+        m_in.copy_(image_masks)
+        g.replay()
+        return out
 
-    def _qkv(self, layer, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """xn [1, T, D] (normed) -> q [1, H, T, hd], k, v [1, KV, T, hd] with q/k norms, clipping and RoPE."""
-        a = layer.self_attn
-        T = xn.shape[1]
-        q = _rms_norm(a.q_proj(xn), a.q_norm.weight, self.eps)
-        k = _rms_norm(a.k_proj(xn), a.k_norm.weight, self.eps)
-        v = a.v_proj(xn)
-        if self.clip_qkv is not None:
-            c = float(self.clip_qkv)
-            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
-        q = q.view(1, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k, v
-
-    def _block_prefill(self, b: int, x: torch.Tensor, cos, sin, k: int) -> torch.Tensor:
-        layer = self.layers[b]
-        a = layer.self_attn
-        T = x.shape[1]
-        q, kk, v = self._qkv(layer, _rms_norm(x, layer.input_layernorm.weight, self.eps), cos, sin)
-        self.k_cache[b, :, :, :T] = kk
-        self.v_cache[b, :, :, :T] = v
-        o = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=a.scaling,
-                                           enable_gqa=self.n_kv != self.n_heads)
-        x = x + a.o_proj(o.transpose(1, 2).reshape(1, T, -1))
-        y = self._moe(b, _rms_norm(x, layer.post_attention_layernorm.weight, self.eps).view(T, -1), k)
-        return x + y.view(1, T, -1)
-
-    def _moe(self, b: int, x: torch.Tensor, k: int) -> torch.Tensor:
-        """x [N, D] -> routed expert output [N, D] at top_k ``k`` (softmax router, no renormalisation)."""
-        mlp = self.layers[b].mlp
-        experts = mlp.experts
-        n = x.shape[0]
-        logits = F.linear(x, mlp.gate.weight)                                  # [N, E]
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, idx = torch.topk(probs, k, dim=-1)                            # [N, k]
-        idx, order = idx.sort(dim=-1)                                          # ascending expert per token
-        weights = weights.gather(-1, order).to(logits.dtype)
-        flat = idx.reshape(-1)                                                 # [N*k]
-        expert_of_row, perm = flat.sort(stable=True)
-        rows = x[perm // k]                                                    # [N*k, D], grouped by expert
-        num_experts = experts.gate_up_proj.shape[0]
-        gate_up = self._expert_mm(rows, experts.gate_up_proj, expert_of_row, num_experts)   # [N*k, 2I]
-        gate, up = gate_up.chunk(2, dim=-1)
-        hidden = F.silu(gate) * up
-        out = self._expert_mm(hidden, experts.down_proj, expert_of_row, num_experts)        # [N*k, D]
-        routed = torch.empty_like(out).index_copy_(0, perm, out).view(n, k, -1)
-        routed = routed * weights[..., None]
-        acc = routed[:, 0]
-        for j in range(1, k):                    # eager's per-expert index_add_ order, model dtype
-            acc = acc + routed[:, j]
-        return acc
-
-    def _expert_mm(self, rows: torch.Tensor, w: torch.Tensor, expert_of_row: torch.Tensor,
-                   num_experts: int) -> torch.Tensor:
-        """rows [R, in] sorted by expert, w [E, out, in] -> rows @ w[expert].T, [R, out]."""
-        if self.grouped:
-            counts = torch.zeros(num_experts, dtype=torch.int32, device=rows.device)
-            counts.scatter_add_(0, expert_of_row, torch.ones_like(expert_of_row, dtype=torch.int32))
-            offs = torch.cumsum(counts, 0, dtype=torch.int32)
-            return F.grouped_mm(rows, w.transpose(1, 2), offs=offs)
-        return torch.bmm(rows[:, None, :], w[expert_of_row].transpose(1, 2))[:, 0]   # reads weights per row
+    def _vision_graph(self, n: int):
+        if n in self._vision:
+            return self._vision[n]
+        cfg = self.cfg
+        x_in = torch.zeros(n, cfg.patches_per_crop, cfg.patch_dim, device=self.device, dtype=self.dtype)
+        m_in = torch.ones(n, cfg.patches_per_crop, device=self.device, dtype=self.dtype)
+        out = torch.zeros(n, cfg.tokens_per_crop, cfg.d_model, device=self.device, dtype=self.dtype)
+        g = self._capture(lambda: out.copy_(self.model.encode_images(x_in, m_in)))
+        self._vision[n] = (g, x_in, m_in, out)
+        return self._vision[n]

@@ -85,7 +85,7 @@ class MolmoeBackend(RolloutBackend):
                       else ImportanceScores.by_index(mc.n_layers))
         if m.engine == "fast":
             from rollout_workers.fast_engine import FastEngine
-            executor = FastEngine(bundle.model, max_len=m.fast_max_len, kv_bucket=m.fast_kv_bucket)
+            executor = FastEngine(bundle.model, max_len=m.fast_max_len, top_k_max=max(space.top_ks))
         else:
             executor = EagerEngine(bundle.model)
         engine = RequestEngine(bundle.model, bundle.preprocessor, space, importance, executor=executor)

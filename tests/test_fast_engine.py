@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rollout_workers.fast_engine import FastEngine, grouped_mm_supported
+from rollout_workers.fast_engine import FastEngine, expert_mm, grouped_mm_supported, moe
+from rollout_workers.molmoe.skip import top_k_override
 from rollout_workers.molmoe.loader import load_molmoe
 from rollout_workers.molmoe.make_tiny_checkpoint import make_tiny_checkpoint
 from rollout_workers.request_path import RequestEngine
@@ -80,12 +81,13 @@ def _compare(eager, fast, ctl, choices, atol):
 
 @pytest.fixture(scope="module")
 def cpu_engines(tmp_path_factory):
-    return _setup("cpu", tmp_path_factory.mktemp("fast"), max_len=256, kv_bucket=64)
+    return _setup("cpu", tmp_path_factory.mktemp("fast"), max_len=256)
 
 
 def test_fast_equals_eager_on_cpu_every_p(cpu_engines):
     eager, fast, fast_exec, space, ctl = cpu_engines
-    assert fast_exec.grouped == grouped_mm_supported(torch.device("cpu"), torch.float32)
+    assert fast_exec.shape.grouped == grouped_mm_supported(torch.device("cpu"), torch.float32)
+    assert not fast_exec.use_graphs and not fast_exec.compile
     _compare(eager, fast, ctl, _choices(space, 3, seed=1), atol=1e-4)
 
 
@@ -100,21 +102,36 @@ def test_fast_engine_sampled_controller_path_matches(cpu_engines):
         np.testing.assert_allclose(a.stage2.latency_state, b.stage2.latency_state, atol=1e-4)
 
 
-def test_grouped_and_gathered_expert_products_agree(cpu_engines):
-    _, _, fast_exec, _, _ = cpu_engines
+def test_grouped_and_gathered_expert_products_agree():
+    """Rows sorted by expert, a sentinel row (expert id E) at the end that the product may leave unset."""
     torch.manual_seed(0)
     w = torch.randn(5, 12, 8)
-    experts = torch.tensor([0, 0, 2, 3, 3, 3])
-    rows = torch.randn(6, 8)
-    want = torch.stack([w[e] @ r for e, r in zip(experts.tolist(), rows)])
-    saved = fast_exec.grouped
-    try:
-        for grouped in ({True, False} if saved else {False}):
-            fast_exec.grouped = grouped
-            got = fast_exec._expert_mm(rows, w, experts, 5)
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    finally:
-        fast_exec.grouped = saved
+    experts = torch.tensor([0, 0, 2, 3, 3, 3, 5])
+    rows = torch.randn(7, 8)
+    offs = torch.cumsum(torch.bincount(experts, minlength=6)[:5], 0).to(torch.int32)
+    want = torch.stack([w[e] @ r for e, r in zip(experts[:6].tolist(), rows[:6])])
+    for grouped in ({True, False} if grouped_mm_supported(torch.device("cpu"), torch.float32) else {False}):
+        got = expert_mm(rows, w, experts, offs, grouped)[:6]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_masked_top_k_moe_equals_the_transformers_block(tmp_path, k):
+    """top_k as data (top k_max, ranks >= k sent to a skipped sentinel) == transformers' block at top_k = k."""
+    fast_exec = FastEngine(load_molmoe(make_tiny_checkpoint(tmp_path / "t", seed=3)).model, max_len=32, top_k_max=3)
+    assert fast_exec.shape.k_max == 3
+    layer = fast_exec.model.llm.model.layers[1]
+    x = torch.randn(1, 9, fast_exec.cfg.d_model)
+    with top_k_override(fast_exec.model.llm.model.layers, {1: k}):
+        want = layer.mlp(x)
+    got = moe(fast_exec.weights[1], fast_exec.shape, x.view(9, -1), torch.tensor(k))
+    torch.testing.assert_close(got.view(1, 9, -1), want, atol=1e-6, rtol=1e-5)
+
+
+def test_top_k_above_the_engines_maximum_is_refused(cpu_engines):
+    _, _, fast_exec, _, _ = cpu_engines
+    with pytest.raises(ValueError, match="top_k_max"):
+        fast_exec.prefill(torch.zeros(1, 4, fast_exec.cfg.d_model), [0, 1], {1: fast_exec.shape.k_max + 1})
 
 
 def test_prompt_longer_than_the_cache_is_a_clear_error(tmp_path):
@@ -126,9 +143,9 @@ def test_prompt_longer_than_the_cache_is_a_clear_error(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_engine_with_cuda_graphs_equals_eager(tmp_path):
-    eager, fast, fast_exec, space, ctl = _setup("cuda", tmp_path, max_len=512, kv_bucket=128)
+    eager, fast, fast_exec, space, ctl = _setup("cuda", tmp_path, max_len=512)
     info = fast_exec.warmup(space)
-    assert info["graphs"] == 2 + space.num_layers * len(set(space.top_ks) | {space.native_top_k}) * 4
+    assert info["graphs"] == 2 + space.num_layers + max(space.tier_max_crops) + 1   # + vision per crop count
     worst = _compare(eager, fast, ctl, _choices(space, 4, seed=3), atol=2e-3)
     assert fast_exec.captures_after_warmup == 0
     print(f"max |logit diff| fast (graphs) vs eager on CUDA, float32 tiny: {worst:.2e}")
