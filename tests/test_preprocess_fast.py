@@ -13,13 +13,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from rollout_workers.molmoe import preprocessing
 from rollout_workers.molmoe.config import MolmoeConfig
 from rollout_workers.molmoe.preprocessing import (
     MolmoPreprocessor,
+    aa_bilinear_taps,
     crop_masks,
     crop_plan,
     image_to_crops,
+    resize_bilinear_aa,
+    resize_bilinear_aa_taps,
     token_layout,
+    unit_float_image,
 )
 from rollout_workers.molmoe.tokenizer import MolmoTokenizer
 from rollout_workers.molmoe_backend import word_level_tokenizer
@@ -400,14 +405,55 @@ def _assert_device_matches_host(pre, rgb, max_crops, device, atol=1e-5, quirk=Tr
 
 
 def test_device_path_on_cpu_matches_host_path():
-    """device="cpu" runs the device code (upload, torch resize/normalise/cut) on the CPU."""
+    """device="cpu" runs the device code (upload, explicit-tap resize, normalise, cut) on the CPU:
+    pixels within 1e-5 of the host path, masks/ids/positions identical."""
     full = _pre(FULL)
-    for size, mc in [((1024, 768), 3), ((1024, 768), 6), ((1024, 768), 12), ((300, 900), 12)]:
-        host, dev = _assert_device_matches_host(full, _rgb(*size), mc, "cpu")
-        assert torch.equal(dev.images, host.images)  # same ops on the same device: bitwise equal
+    for size, mc in [
+        ((1024, 768), 3),
+        ((1024, 768), 6),
+        ((1024, 768), 12),
+        ((300, 900), 12),
+        ((3000, 40), 12),
+    ]:
+        _assert_device_matches_host(full, _rgb(*size), mc, "cpu")
     for name, cfg in TINY_VARIANTS.items():
-        for size in [(200, 150), (7, 9), (640, 480)]:
-            _assert_device_matches_host(_pre(cfg), _rgb(*size), 6, "cpu", quirk=name != "tiny")
+        for size in [(200, 150), (7, 9), (1, 1), (640, 480), (3, 700), (700, 3)]:
+            for mc in (1, 4, 12):
+                _assert_device_matches_host(_pre(cfg), _rgb(*size), mc, "cpu", quirk=name != "tiny")
+
+
+def test_explicit_tap_resize_matches_torch_cpu_kernel():
+    """resize_bilinear_aa_taps (the device path's resize) against F.interpolate on the CPU, for
+    down/up-scaling, unchanged axes, 1-px sides and the kernel's 1-px-wide-output quirk."""
+    rng = np.random.default_rng(3)
+    for in_h, in_w in [(768, 1024), (150, 200), (1, 1), (9, 7), (500, 3), (3, 500), (2, 1), (4096, 300)]:
+        img = torch.from_numpy(rng.integers(0, 256, (in_h, in_w, 3), dtype=np.uint8))
+        image01 = unit_float_image(img)
+        targets = [(756, 1008), (252, 336), (in_h, in_w), (in_h * 3, in_w * 2), (1, 1), (in_h, 5)]
+        targets += [(max(1, in_h // 7), max(1, in_w // 5)), (71, 1), (in_h, 1), (1, in_w)]
+        for out_hw in targets:
+            want = resize_bilinear_aa(image01, out_hw)
+            got = resize_bilinear_aa_taps(image01, out_hw)
+            assert got.shape == want.shape == (3, *out_hw)
+            err = float((got - want).abs().max())
+            # summation order only: ~1e-7, ~1e-6 when thousands of taps are summed (4096 -> 1)
+            assert err <= 2e-6, f"{(in_h, in_w)} -> {out_hw}: {err}"
+    # taps: tap-major, weights normalised, indices inside the axis
+    idx, weight = aa_bilinear_taps(1024, 336)
+    assert idx.shape == weight.shape and idx.shape[1] == 336
+    assert idx.min() >= 0 and idx.max() <= 1023
+    np.testing.assert_allclose(weight.sum(0), 1.0, atol=1e-6)
+
+
+def test_explicit_tap_resize_bounds_its_gather(monkeypatch):
+    """A large downscale gathers its taps in chunks (bounded memory) with the same result."""
+    img = torch.from_numpy(_rgb(900, 700, seed=2))
+    image01 = unit_float_image(img)
+    whole = resize_bilinear_aa_taps(image01, (50, 64))
+    monkeypatch.setattr(preprocessing, "_GATHER_BUDGET_ELEMENTS", 1000)
+    chunked = resize_bilinear_aa_taps(image01, (50, 64))
+    assert float((whole - chunked).abs().max()) <= 1e-6
+    assert float((chunked - resize_bilinear_aa(image01, (50, 64))).abs().max()) <= 1e-6
 
 
 def test_device_path_places_every_tensor_on_the_device():
@@ -424,6 +470,7 @@ def test_device_path_places_every_tensor_on_the_device():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_path_matches_host_path_within_rounding():
+    """The same device code on CUDA: pixels within 1e-5 of the host (CPU) path, masks/ids equal."""
     full = _pre(FULL)
     for size, mc in [
         ((1024, 768), 3),

@@ -489,17 +489,105 @@ def unit_float_image(image_u8: torch.Tensor) -> torch.Tensor:
     return image_u8.permute(2, 0, 1).to(torch.float32).div_(255.0)[None]
 
 
-def normalised_canvas(image01: torch.Tensor, pad: PadGeometry, norm: Normalisation) -> torch.Tensor:
+def resize_bilinear_aa(image01: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """float32 [1, 3, H, W] -> [3, h, w]: torch's bilinear antialiased resize, the released
+    processor's op (the host path; bit-identical to it on the CPU)."""
+    return F.interpolate(image01, size=size_hw, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def resize_bilinear_aa_taps(image01: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """float32 [1, 3, H, W] on any device -> [3, h, w]: the same resize as
+    :func:`resize_bilinear_aa`, computed as gathers and weighted sums with the weights torch's CPU
+    kernel uses (:func:`aa_bilinear_taps`): width first, then height, an unchanged axis skipped.
+
+    Equal to the CPU kernel up to float summation order (~1e-7). torch's own CUDA kernel is not
+    used because it places its taps in float32 and differs by up to ~5e-5 (2e-4 after
+    normalisation) at 1000-px canvases. Kept quirk: for an output 1 px wide whose height changes,
+    torch's CPU kernel repeats the first row's value down the column; that case (only images over
+    ~168:1) runs the CPU kernel itself on the (thin) image."""
+    _, _, in_h, in_w = image01.shape
+    out_h, out_w = int(size_hw[0]), int(size_hw[1])
+    if out_w == 1 and out_h != in_h:
+        return resize_bilinear_aa(image01.cpu(), (out_h, out_w)).to(image01.device)
+    x = image01[0]
+    if (out_h, out_w) == (in_h, in_w):
+        return x.clone()  # callers normalise the result in place
+    if out_w != in_w:
+        x = _resample_axis(x, 2, *_device_taps(in_w, out_w, x.device))
+    if out_h != in_h:
+        x = _resample_axis(x, 1, *_device_taps(in_h, out_h, x.device))
+    return x
+
+
+@functools.lru_cache(maxsize=1024)
+def aa_bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Taps of torch's CPU antialiased bilinear resize along one axis, tap-major: int64 source
+    indices [taps, out_size] (clamped to the axis) and float32 weights [taps, out_size] (0 beyond
+    an output's support). Mirrors ``_compute_indices_min_size_weights_aa`` for float32 input,
+    including its float32/float64 promotions (centre rounded to float32, offsets in float64)."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    support = np.float32(scale) if scale >= 1.0 else np.float32(1.0)
+    taps = int(np.ceil(support)) * 2 + 1
+    invscale = np.float32(1.0 / np.float64(scale)) if scale >= 1.0 else np.float32(1.0)
+    center = (np.float64(scale) * (np.arange(out_size, dtype=np.float64) + 0.5)).astype(np.float32)
+    xmin = np.maximum(((center - support).astype(np.float64) + 0.5).astype(np.int64), 0)
+    xend = np.minimum(((center + support).astype(np.float64) + 0.5).astype(np.int64), in_size)
+    xsize = np.clip(xend - xmin, 0, taps)
+    j = np.arange(taps, dtype=np.int64)
+    src = xmin[:, None] + j[None, :]  # [out, taps]
+    offset = src.astype(np.float32) - center[:, None]
+    arg = np.abs(((offset.astype(np.float64) + 0.5) * np.float64(invscale)).astype(np.float32))
+    weight = np.where(arg < 1.0, (1.0 - arg.astype(np.float64)).astype(np.float32), np.float32(0.0))
+    weight = np.where(j[None, :] < xsize[:, None], weight, np.float32(0.0)).astype(np.float32)
+    total = weight[:, 0].copy()
+    for k in range(1, taps):  # the kernel's sequential float32 sum
+        total += weight[:, k]
+    weight = np.divide(weight, total[:, None], out=weight.copy(), where=total[:, None] != 0)
+    used = max(1, int(xsize.max()))  # the kernel's tap budget can exceed every output's support
+    idx = np.ascontiguousarray(np.minimum(src, in_size - 1)[:, :used].T)
+    weight = np.ascontiguousarray(weight[:, :used].T)
+    idx.flags.writeable = weight.flags.writeable = False
+    return idx, weight
+
+
+@functools.lru_cache(maxsize=512)
+def _device_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`aa_bilinear_taps` as tensors on ``device`` (cached; never handed to callers)."""
+    idx, weight = aa_bilinear_taps(in_size, out_size)
+    return torch.tensor(idx, device=device), torch.tensor(weight, device=device)
+
+
+_GATHER_BUDGET_ELEMENTS = 1 << 24  # bounds the gathered intermediate (64 MiB of float32)
+
+
+def _resample_axis(x: torch.Tensor, dim: int, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Resample [3, H, W] along ``dim`` (1 or 2) with tap-major ``idx``/``weight`` [taps, out]:
+    out[..., o, ...] = sum_t weight[t, o] * x[..., idx[t, o], ...], taps gathered in chunks."""
+    taps, n_out = idx.shape
+    per_tap = x.numel() // x.shape[dim] * n_out
+    chunk = max(1, _GATHER_BUDGET_ELEMENTS // max(1, per_tap))
+    trailing = (1,) * (x.dim() - 1 - dim)
+    out = None
+    for t0 in range(0, taps, chunk):
+        t1 = min(taps, t0 + chunk)
+        gathered = x.index_select(dim, idx[t0:t1].reshape(-1)).unflatten(dim, (t1 - t0, n_out))
+        part = (gathered * weight[t0:t1].view(t1 - t0, n_out, *trailing)).sum(dim)
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def normalised_canvas(
+    image01: torch.Tensor, pad: PadGeometry, norm: Normalisation, resize=resize_bilinear_aa
+) -> torch.Tensor:
     """float32 [1, 3, H, W] on [0, 1] -> float32 [canvas_h, canvas_w, 3]: resized (bilinear,
-    antialias), clipped to [0, 1], zero-padded and normalised ``(x - mean) / std``, all in float32.
+    antialias, by ``resize``), clipped to [0, 1], zero-padded and normalised ``(x - mean) / std``,
+    all in float32.
 
     The resized image is normalised in place in its own [3, h, w] layout (vectorised per channel),
     then written once, interleaved, into the canvas; the padding is filled with ``norm.pad_value``
     (the same float32 ops applied to 0), so no padded intermediate is made."""
     scaled_h, scaled_w = pad.scaled_hw
-    resized = F.interpolate(
-        image01, size=(scaled_h, scaled_w), mode="bilinear", align_corners=False, antialias=True
-    )[0]
+    resized = resize(image01, (scaled_h, scaled_w))
     per_channel = (-1, 1, 1)
     resized.clamp_(0.0, 1.0).sub_(norm.mean.view(per_channel)).div_(norm.std.view(per_channel))
     canvas_h, canvas_w = pad.canvas_hw
@@ -532,16 +620,19 @@ def patch_windows(
     return win.permute(0, 1, 3, 5, 4, 6, 2)
 
 
-def crop_pixels(image_u8: torch.Tensor, plan: CropPlan, norm: Normalisation) -> torch.Tensor:
+def crop_pixels(
+    image_u8: torch.Tensor, plan: CropPlan, norm: Normalisation, resize=resize_bilinear_aa
+) -> torch.Tensor:
     """uint8 [H, W, 3] (on any device) -> normalised float32 [n_crops, n_patches, patch_dim] on the
-    same device: crop 0 the global crop, then the tiled crops row-major; (dh, dw, c) per patch."""
+    same device: crop 0 the global crop, then the tiled crops row-major; (dh, dw, c) per patch.
+    ``resize``: :func:`resize_bilinear_aa` (host path) or :func:`resize_bilinear_aa_taps`."""
     s, p, crop = plan.crop_patches, plan.patch_px, plan.crop_px
     rows, cols = plan.tiling
     image01 = unit_float_image(image_u8)
     out = torch.empty((plan.num_crops, s * s, p * p * 3), dtype=torch.float32, device=image_u8.device)
-    global_canvas = normalised_canvas(image01, plan.global_pad, norm)
+    global_canvas = normalised_canvas(image01, plan.global_pad, norm, resize)
     out[:1].view(1, 1, s, s, p, p, 3).copy_(patch_windows(global_canvas, (1, 1), crop, crop, p))
-    tiled_canvas = normalised_canvas(image01, plan.tiled_pad, norm)
+    tiled_canvas = normalised_canvas(image01, plan.tiled_pad, norm, resize)
     out[1:].view(rows, cols, s, s, p, p, 3).copy_(
         patch_windows(tiled_canvas, (rows, cols), plan.window_px, crop, p)
     )
@@ -777,12 +868,14 @@ class MolmoPreprocessor:
     ) -> MolmoInputs:
         """Build the model inputs. ``image`` may be bytes, a PIL image, an RGB uint8 array or None.
 
-        ``device=None``: the pixels are processed on the CPU and every tensor is returned on the CPU
-        (bit-identical to the released processor's math). With a torch device (e.g. ``"cuda"``) the
-        decoded uint8 image is uploaded once and resized/padded/normalised/cut there, and every
-        returned tensor is already on that device; pixel values may then differ from the CPU path by
-        float rounding of the same ops (<= 1e-5), the masks, ids and positions are identical (they
-        come from the image size alone)."""
+        ``device=None`` (host path): the pixels are processed on the CPU with torch's resize kernel,
+        bit-identical to the released processor's math, and every tensor is returned on the CPU.
+        With a torch device (e.g. ``"cuda"``) the decoded uint8 image is uploaded once and resized
+        (:func:`resize_bilinear_aa_taps`), normalised, padded and cut there; every returned tensor
+        is on that device. Pixels then differ from the host path by float rounding only (<= 1e-5);
+        masks, ids and positions are identical (they depend on the image size alone). The device
+        path is for accelerators: on a CPU device it runs (that is how it is tested) but is several
+        times slower than ``device=None``."""
         cfg = self.config
         text_ids = np.asarray(self.prompt_ids(question), dtype=np.int64)
         bos = np.asarray([self.tokenizer.bos_id], dtype=np.int64)
@@ -798,7 +891,8 @@ class MolmoPreprocessor:
         image_u8 = _host_tensor(rgb)
         if device is not None:
             image_u8 = image_u8.to(device)
-        pixels = crop_pixels(image_u8, plan, self._normalisation(image_u8.device))
+        resize = resize_bilinear_aa if device is None else resize_bilinear_aa_taps
+        pixels = crop_pixels(image_u8, plan, self._normalisation(image_u8.device), resize)
         # The image goes first; BOS is prepended, shifting every feature position by one.
         input_ids = np.concatenate([bos, tokens.tokens, text_ids])
         idx = tokens.image_input_idx
