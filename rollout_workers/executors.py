@@ -27,6 +27,7 @@ class EagerEngine:
     """transformers' eager modules (``MolmoeModel.run_blocks``) with a skip-aware ``DynamicCache``."""
 
     name = "eager"
+    preprocess_device = None      # crops are cut on the CPU (the released processor's maths, bit for bit)
 
     def __init__(self, model):
         self.model = model.eval()

@@ -19,8 +19,11 @@ the blocks run:
   kernels; one compilation serves every block and every top_k; prefill is compiled with a dynamic
   length). Without a compiler (or ``compile=False``) the same functions run eagerly.
 * **CUDA graphs**: one decode graph per block (every top_k and position: they are tensors), one for
-  the embedding and one for the head; one vision graph per crop count. :meth:`FastEngine.warmup`
-  captures all of them, so switching knob settings between requests never captures or compiles.
+  the embedding and one for the head; one prefill graph per block and prompt-length bucket (the
+  prompt is padded at the end, where causal attention keeps padding away from real positions, and
+  the padded keys/values lie beyond the decode mask until overwritten); one vision graph per crop
+  count (the vision tower runs in the LLM's dtype). :meth:`FastEngine.warmup` captures all of them,
+  so switching knob settings between requests never captures or compiles.
 
 On CPU the same functions run without graphs or compilation (tests compare them with the eager
 engine there).
@@ -41,9 +44,7 @@ log = logging.getLogger(__name__)
 class BlockWeights(NamedTuple):
     """One LLM block's parameters (views of the transformers modules' tensors)."""
     ln1: torch.Tensor          # [D]
-    wq: torch.Tensor           # [H*hd, D]
-    wk: torch.Tensor           # [KV*hd, D]
-    wv: torch.Tensor           # [KV*hd, D]
+    wqkv: torch.Tensor         # [(H + 2 KV) * hd, D]: q, k, v projections stacked (one GEMM)
     q_norm: torch.Tensor       # [H*hd]
     k_norm: torch.Tensor       # [KV*hd]
     wo: torch.Tensor           # [D, H*hd]
@@ -87,9 +88,9 @@ def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype:
 def qkv(w: BlockWeights, s: Shape, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """xn [1, T, D] (normed) -> q [1, H, T, hd], k, v [1, KV, T, hd]: q/k norms, clipping, RoPE."""
     T = xn.shape[1]
-    q = rms_norm(F.linear(xn, w.wq), w.q_norm, s.eps)
-    k = rms_norm(F.linear(xn, w.wk), w.k_norm, s.eps)
-    v = F.linear(xn, w.wv)
+    q, k, v = F.linear(xn, w.wqkv).split([s.n_heads * s.head_dim, s.n_kv * s.head_dim, s.n_kv * s.head_dim], dim=-1)
+    q = rms_norm(q, w.q_norm, s.eps)
+    k = rms_norm(k, w.k_norm, s.eps)
     if s.clip_qkv is not None:
         q, k, v = q.clamp(-s.clip_qkv, s.clip_qkv), k.clamp(-s.clip_qkv, s.clip_qkv), v.clamp(-s.clip_qkv, s.clip_qkv)
     q = q.view(1, T, s.n_heads, s.head_dim).transpose(1, 2)
@@ -119,16 +120,27 @@ def moe(w: BlockWeights, s: Shape, x: torch.Tensor, top_k: torch.Tensor) -> torc
     idx = torch.where(rank < top_k, idx, E)                                  # ranks >= top_k -> sentinel
     idx, order = idx.sort(dim=-1)                                           # ascending expert per token
     weights = weights.gather(-1, order).to(logits.dtype)
-    flat = idx.reshape(-1)                                                  # [N*kmax]
-    expert_of_row, perm = flat.sort(stable=True)
-    rows = x[perm // kmax]                                                  # grouped by expert
+    if n == 1:     # decode: the token's slots are already grouped by expert
+        expert_of_row, dest = idx[0], None
+        rows = x.expand(kmax, -1).contiguous()
+    else:          # counting sort of the (token, slot) pairs by expert, stable in token order
+        flat = idx.reshape(-1)                                              # [N*kmax]
+        onehot = F.one_hot(flat, E + 1)                                     # [N*kmax, E+1]
+        rank = (onehot.cumsum(0) - onehot).gather(1, flat[:, None])[:, 0]  # earlier pairs of the same expert
+        start = onehot.sum(0).cumsum(0) - onehot.sum(0)                     # [E+1] first row of each expert
+        dest = start[flat] + rank                                           # grouped position of each pair
+        expert_of_row = torch.empty_like(flat).index_copy_(0, dest, flat)
+        rows = torch.empty(n * kmax, x.shape[1], dtype=x.dtype, device=x.device).index_copy_(
+            0, dest, x.repeat_interleave(kmax, dim=0))
     counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
     counts.scatter_add_(0, expert_of_row, torch.ones_like(expert_of_row, dtype=torch.int32))
     offs = torch.cumsum(counts[:E], 0, dtype=torch.int32)                  # the sentinel group is left out
     gate, up = expert_mm(rows, w.gate_up, expert_of_row, offs, s.grouped).chunk(2, dim=-1)
     out = expert_mm(F.silu(gate) * up, w.down, expert_of_row, offs, s.grouped)   # [N*kmax, D]
     out = torch.where((expert_of_row < E)[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
-    routed = torch.empty_like(out).index_copy_(0, perm, out).view(n, kmax, -1) * weights[..., None]
+    if dest is not None:
+        out = out[dest]                                                     # back to (token, slot) order
+    routed = out.view(n, kmax, -1) * weights[..., None]
     acc = routed[:, 0]
     for j in range(1, kmax):               # eager's per-expert index_add_ order; inactive slots add 0
         acc = acc + routed[:, j]
@@ -177,10 +189,25 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def block_weights(layer) -> BlockWeights:
+    """The block's parameters; q/k/v projections are re-stored as views of one stacked tensor, so the
+    fast engine runs one GEMM where transformers runs three, and no memory is duplicated."""
     a, mlp = layer.self_attn, layer.mlp
-    return BlockWeights(layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                        a.q_norm.weight, a.k_norm.weight, a.o_proj.weight, layer.post_attention_layernorm.weight,
-                        mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj)
+    projs = (a.q_proj, a.k_proj, a.v_proj)
+    wqkv = getattr(a, "_fast_wqkv", None)
+    if wqkv is None or any(p.weight.data_ptr() != v.data_ptr() for p, v in zip(projs, _split_rows(wqkv, projs))):
+        with torch.no_grad():
+            wqkv = torch.cat([p.weight for p in projs], dim=0)
+        for p, view in zip(projs, _split_rows(wqkv, projs)):
+            p.weight = torch.nn.Parameter(view, requires_grad=False)
+        a._fast_wqkv = wqkv
+    return BlockWeights(layer.input_layernorm.weight, wqkv, a.q_norm.weight, a.k_norm.weight, a.o_proj.weight,
+                        layer.post_attention_layernorm.weight, mlp.gate.weight, mlp.experts.gate_up_proj,
+                        mlp.experts.down_proj)
+
+
+def _split_rows(stacked: torch.Tensor, projs) -> list[torch.Tensor]:
+    sizes = [p.out_features for p in projs]
+    return list(stacked.split(sizes, dim=0))
 
 
 # ================================================================================ the engine
@@ -191,6 +218,9 @@ class FastEngine:
         model: the model; its vision tower and connector are cast to the LLM dtype.
         max_len: positions the static cache holds (prompt + budget token + answer); decode attends to
             all of them under a mask, so a smaller cache reads fewer bytes per token.
+        prefill_bucket: with graphs, prompts are padded to a multiple of this many positions (one
+            prefill graph per block and length bucket).
+        pad_prefill: pad prompts to the bucket without graphs too (default: with graphs; tests).
         use_graphs: capture decode steps and the vision tower as CUDA graphs (default: on CUDA).
         compile: fuse the layer functions with ``torch.compile`` (default: on CUDA).
         top_k_max: the largest top_k a request may ask for (default: the model's native top_k).
@@ -198,8 +228,8 @@ class FastEngine:
 
     name = "fast"
 
-    def __init__(self, model, *, max_len: int = 2048, use_graphs: Optional[bool] = None,
-                 compile: Optional[bool] = None, top_k_max: Optional[int] = None):
+    def __init__(self, model, *, max_len: int = 2048, prefill_bucket: int = 128, use_graphs: Optional[bool] = None,
+                 compile: Optional[bool] = None, top_k_max: Optional[int] = None, pad_prefill: Optional[bool] = None):
         self.model = model.eval()
         cfg = model.config
         self.cfg = cfg
@@ -216,12 +246,15 @@ class FastEngine:
         self.n_layers = cfg.n_layers
         self.native_k = cfg.top_k
         self.max_len = int(max_len)
+        self.prefill_bucket = max(1, int(prefill_bucket))
+        self.pad_prefill = self.use_graphs if pad_prefill is None else bool(pad_prefill)
         layers = model.llm.model.layers
         self.weights = [block_weights(layer) for layer in layers]
+        # grouped GEMMs in bf16 on CUDA (the compiled kernel supports nothing else), any dtype on CPU
+        grouped = grouped_mm_supported(dev, dt) and (dt == torch.bfloat16 or not cuda)
         self.shape = Shape(cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads, float(cfg.layer_norm_eps),
                            None if cfg.clip_qkv is None else float(cfg.clip_qkv),
-                           max(self.native_k, int(top_k_max or 0)), float(layers[0].self_attn.scaling),
-                           grouped_mm_supported(dev, dt))
+                           max(self.native_k, int(top_k_max or 0)), float(layers[0].self_attn.scaling), grouped)
         rot = model.llm.model.rotary_emb
         self.inv_freq = rot.inv_freq.to(device=dev, dtype=torch.float32)
         self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
@@ -241,12 +274,16 @@ class FastEngine:
         self._mask = torch.zeros(self.max_len, dtype=torch.bool, device=dev)
         self._arange = torch.arange(self.max_len, device=dev)
         self._logits = torch.zeros(1, 1, cfg.embedding_size, device=dev, dtype=dt)
+        self.preprocess_device = dev if cuda else None     # crops are cut on the GPU (MolmoPreprocessor)
         self._decode_fn = block_decode
         self._prefill_fn = block_prefill
+        self._vision_fn = model.encode_images
         if self.compile:
             self._decode_fn = torch.compile(block_decode, dynamic=False)
             self._prefill_fn = torch.compile(block_prefill, dynamic=True)
+            self._vision_fn = torch.compile(model.encode_images, dynamic=True)
         self._graphs: dict = {}
+        self._prefill_bufs: dict = {}
         self._vision: dict = {}
         self._pool = None
         self.captured = 0
@@ -273,12 +310,43 @@ class FastEngine:
             raise ValueError(f"a prompt of {T} tokens exceeds the fast engine's cache of {self.max_len} "
                              f"positions (model.fast_max_len)")
         self._set_top_k(block_ids, top_k)
+        if self.use_graphs or self.pad_prefill:   # padded to the length bucket, after every real position
+            Tb = self._prefill_bucket(T)
+            buf = self._prefill_buffers(Tb)[0]
+            buf[:, :T].copy_(x)
+            buf[:, T:].zero_()
+            for b in block_ids:
+                if self.use_graphs:
+                    self._prefill_graph(int(b), Tb).replay()
+                else:
+                    self._prefill_body(int(b), Tb)
+            return buf[:, :T]
         cos, sin = rope_cos_sin(torch.arange(T, device=self.device), self.inv_freq, self.rope_scale, self.dtype)
         h = x
         for b in block_ids:
             h = self._prefill_fn(self.weights[b], self.shape, h, cos, sin, self.k_cache[b], self.v_cache[b],
                                  self._top_k[b])
         return h
+
+    def _prefill_bucket(self, T: int) -> int:
+        return min(self.max_len, -(-T // self.prefill_bucket) * self.prefill_bucket)
+
+    def _prefill_buffers(self, Tb: int):
+        """Static input/output [1, Tb, D] and RoPE tables of one length bucket."""
+        bufs = self._prefill_bufs.get(Tb)
+        if bufs is None:
+            cos, sin = rope_cos_sin(torch.arange(Tb, device=self.device), self.inv_freq, self.rope_scale, self.dtype)
+            bufs = (torch.zeros(1, Tb, self.cfg.d_model, device=self.device, dtype=self.dtype), cos, sin)
+            self._prefill_bufs[Tb] = bufs
+        return bufs
+
+    def _prefill_body(self, b: int, Tb: int) -> None:
+        buf, cos, sin = self._prefill_buffers(Tb)
+        buf.copy_(self._prefill_fn(self.weights[b], self.shape, buf, cos, sin, self.k_cache[b], self.v_cache[b],
+                                   self._top_k[b]))
+
+    def _prefill_graph(self, b: int, Tb: int):
+        return self._graph(("prefill", b, Tb), lambda: self._prefill_body(b, Tb))
 
     def truncate(self, length: int, block_ids: Sequence[int]) -> None:
         """No-op: the next decode step writes position ``length`` and attends to positions <= it."""
@@ -327,10 +395,15 @@ class FastEngine:
                     self.prefill(x, [0], {})
                 self._decode_fn(self.weights[0], self.shape, self._x, self._pos, self._cos, self._sin, self._mask,
                                 self.k_cache[0], self.v_cache[0], self._top_k[0])
+                for n in (2, 3):
+                    self._vision_fn(torch.zeros(n, self.cfg.patches_per_crop, self.cfg.patch_dim, device=self.device,
+                                                dtype=self.dtype),
+                                    torch.ones(n, self.cfg.patches_per_crop, device=self.device, dtype=self.dtype))
             except Exception as exc:     # no compiler toolchain, unsupported op: run the same functions eagerly
                 log.warning("torch.compile failed (%s: %s); the fast engine runs its layer functions uncompiled",
                             type(exc).__name__, exc)
                 self.compile, self._decode_fn, self._prefill_fn = False, block_decode, block_prefill
+                self._vision_fn = self.model.encode_images
                 report.update(compiled=False, compile_error=f"{type(exc).__name__}: {exc}"[:500])
         if self.use_graphs:
             self._pos.fill_(0)
@@ -338,6 +411,9 @@ class FastEngine:
             self._graph(("head",), self._head_step)
             for b in range(self.n_layers):
                 self._graph(("block", b), lambda b=b: self._block_step(b))
+            for Tb in sorted({self._prefill_bucket(t) for t in range(1, self.max_len + 1, self.prefill_bucket)}):
+                for b in range(self.n_layers):
+                    self._prefill_graph(b, Tb)
             if crop_counts is None and space is not None:
                 crop_counts = range(1, max(space.tier_max_crops) + 2)     # global view + up to max_crops crops
             for n in crop_counts or ():
@@ -406,7 +482,7 @@ class FastEngine:
         if image_masks is not None and image_masks.dim() == 3 and image_masks.shape[0] == 1:
             image_masks = image_masks[0]
         if not self.use_graphs or image_masks is None:
-            return self.model.encode_images(images, image_masks)
+            return self._vision_fn(images, image_masks)
         g, x_in, m_in, out = self._vision_graph(images.shape[0])   # captured at warm-up for every count
         x_in.copy_(images)
         m_in.copy_(image_masks)
@@ -420,6 +496,6 @@ class FastEngine:
         x_in = torch.zeros(n, cfg.patches_per_crop, cfg.patch_dim, device=self.device, dtype=self.dtype)
         m_in = torch.ones(n, cfg.patches_per_crop, device=self.device, dtype=self.dtype)
         out = torch.zeros(n, cfg.tokens_per_crop, cfg.d_model, device=self.device, dtype=self.dtype)
-        g = self._capture(lambda: out.copy_(self.model.encode_images(x_in, m_in)))
+        g = self._capture(lambda: out.copy_(self._vision_fn(x_in, m_in)))
         self._vision[n] = (g, x_in, m_in, out)
         return self._vision[n]

@@ -85,7 +85,8 @@ class MolmoeBackend(RolloutBackend):
                       else ImportanceScores.by_index(mc.n_layers))
         if m.engine == "fast":
             from rollout_workers.fast_engine import FastEngine
-            executor = FastEngine(bundle.model, max_len=m.fast_max_len, top_k_max=max(space.top_ks))
+            executor = FastEngine(bundle.model, max_len=m.fast_max_len,
+                                  prefill_bucket=m.fast_prefill_bucket, top_k_max=max(space.top_ks))
         else:
             executor = EagerEngine(bundle.model)
         engine = RequestEngine(bundle.model, bundle.preprocessor, space, importance, executor=executor)

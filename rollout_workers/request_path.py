@@ -158,7 +158,8 @@ class RequestEngine:
         timer.mark("stage1_ms")
 
         # -- preprocess (part 2): crops at the chosen tier ----------------------------------------
-        inputs = self.pre.preprocess(question, rgb, max_crops=max_crops).to(self.device)
+        inputs = self.pre.preprocess(question, rgb, max_crops=max_crops,
+                                     device=self.executor.preprocess_device).to(self.device)
         if inputs.num_tokens > model.config.max_sequence_length:
             raise SampleError(f"prompt of {inputs.num_tokens} tokens exceeds the model's context of "
                               f"{model.config.max_sequence_length}")

@@ -91,6 +91,13 @@ def test_fast_equals_eager_on_cpu_every_p(cpu_engines):
     _compare(eager, fast, ctl, _choices(space, 3, seed=1), atol=1e-4)
 
 
+def test_padded_prefill_equals_eager_on_cpu(tmp_path):
+    """Prompts padded to the length bucket (what the prefill graphs run) give the eager engine's logits."""
+    eager, fast, fast_exec, space, ctl = _setup("cpu", tmp_path, max_len=256, prefill_bucket=48, pad_prefill=True)
+    assert fast_exec.pad_prefill and not fast_exec.use_graphs
+    _compare(eager, fast, ctl, _choices(space, 2, seed=5), atol=1e-4)
+
+
 def test_fast_engine_sampled_controller_path_matches(cpu_engines):
     """Controller decisions (sampled with the same generator) and answers agree between engines."""
     eager, fast, _, _, ctl = cpu_engines
@@ -145,7 +152,8 @@ def test_prompt_longer_than_the_cache_is_a_clear_error(tmp_path):
 def test_fast_engine_with_cuda_graphs_equals_eager(tmp_path):
     eager, fast, fast_exec, space, ctl = _setup("cuda", tmp_path, max_len=512)
     info = fast_exec.warmup(space)
-    assert info["graphs"] == 2 + space.num_layers + max(space.tier_max_crops) + 1   # + vision per crop count
+    L, buckets = space.num_layers, 512 // fast_exec.prefill_bucket
+    assert info["graphs"] == 2 + L + L * buckets + max(space.tier_max_crops) + 1   # decode, prefill, vision
     worst = _compare(eager, fast, ctl, _choices(space, 4, seed=3), atol=2e-3)
     assert fast_exec.captures_after_warmup == 0
     print(f"max |logit diff| fast (graphs) vs eager on CUDA, float32 tiny: {worst:.2e}")
