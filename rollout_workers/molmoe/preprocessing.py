@@ -27,7 +27,9 @@ once for both resizes, each resized image normalised in place and written once i
 canvas (padding filled with ``(0 - mean) / std``), all crops cut and patchified by one strided copy.
 Masks come from the resize geometry (:func:`crop_masks`), token ids and feature positions from the
 tiling alone (:func:`token_layout`, cached). ``MolmoPreprocessor.preprocess(..., device=...)`` runs
-the pixel work on that device.
+the pixel work on that device; there the resize is done with explicit taps carrying the CPU kernel's
+weights (:func:`resize_bilinear_aa_taps`, ~1e-6 from the host path), because torch's CUDA kernel
+positions its taps in float32 and differs by ~2e-4 after normalisation.
 """
 
 from __future__ import annotations
