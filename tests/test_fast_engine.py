@@ -157,3 +157,30 @@ def test_fast_engine_with_cuda_graphs_equals_eager(tmp_path):
     worst = _compare(eager, fast, ctl, _choices(space, 4, seed=3), atol=2e-3)
     assert fast_exec.captures_after_warmup == 0
     print(f"max |logit diff| fast (graphs) vs eager on CUDA, float32 tiny: {worst:.2e}")
+
+
+def test_backend_with_the_fast_engine_serves_the_embedded_default():
+    """model.engine=fast through the config and the rollout backend (CPU: no graphs), same answers and
+    knobs as the eager engine for fixed knobs; the engine name reaches the backend info (bundles)."""
+    from pathlib import Path
+
+    from rollout_workers.backends import make_backend
+    from shared.config import load_config
+    from shared.datasets import load_samples
+
+    default = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.yaml"
+    backends = {engine: make_backend(load_config(default, [f"model.engine={engine}"])) for engine in ("eager", "fast")}
+    assert backends["fast"].info().engine == "fast" and backends["eager"].info().engine == "eager"
+    assert type(backends["fast"].engine.executor).__name__ == "FastEngine"
+    cfg = load_config(default, [])
+    samples = load_samples(cfg, "train")[:3]
+    space = backends["eager"].space
+    torch.manual_seed(0)
+    ctl = TwoStageController.from_config(cfg, space, token_rms=backends["eager"].info().token_rms)
+    for backend in backends.values():
+        backend.warmup(1, ctl)
+    for sample in samples:
+        for fixed in (space.full_compute(), space.choice(0, 0, 0, 0)):
+            a = backends["eager"].run(sample, 300.0, ctl, fixed=fixed)
+            b = backends["fast"].run(sample, 300.0, ctl, fixed=fixed)
+            assert (a.answer, a.knobs, a.prompt_tokens) == (b.answer, b.knobs, b.prompt_tokens)
