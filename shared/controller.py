@@ -159,44 +159,6 @@ def _scalar_code(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, sinusoidal_code(x[:, 0], SCALAR_CODE_DIM, SCALAR_CODE_MAX_FREQ)], dim=-1)
 
 
-# ---- numpy mirrors of the act path (one request): the same float32 maths without torch's per-op
-# dispatch, which costs 10-50 us per op on a busy host and made Stage2 ~0.2 ms here, ~0.8 ms on a
-# GPU machine's CPU. Tested equal to the torch forward within 1e-5 (tests/test_controller.py).
-def _np_wide(x: np.ndarray) -> np.ndarray:
-    n = np.float32(x.shape[-1])
-    centred = x - x.sum(dtype=np.float32) / n
-    var = np.dot(centred, centred) / n
-    return centred / np.sqrt(var + np.float32(1e-5)) * np.float32(math.sqrt(WIDE_GROUP_SQ_NORM / x.shape[-1]))
-
-
-def _np_gelu_tanh(x: np.ndarray) -> np.ndarray:
-    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) *
-                                                           (x + np.float32(0.044715) * x * x * x)))
-
-
-def _np_scalar_code(value: float) -> np.ndarray:
-    angles = np.float32(value) * _code_freqs(SCALAR_CODE_DIM // 2, SCALAR_CODE_MAX_FREQ).numpy()
-    return np.concatenate([np.array([value], np.float32), np.sin(angles), np.cos(angles)])
-
-
-def _np_log_softmax(logits: np.ndarray, mask: Sequence[bool] | None = None) -> np.ndarray:
-    if mask is not None:
-        keep = np.asarray(mask, dtype=bool)
-        if not keep.any():
-            raise ValueError("a controller head has no feasible option for some row")
-        logits = np.where(keep, logits, np.float32(-np.inf))
-    top = logits.max()
-    shifted = logits - top
-    return shifted - np.float32(np.log(np.exp(shifted).sum(dtype=np.float32)))
-
-
-def _np_mlp_heads(module, x: np.ndarray, weights: Mapping[str, np.ndarray], heads: tuple[str, str]):
-    """inp -> GELU -> Linear -> GELU -> two heads, for one row x [in]."""
-    h = _np_gelu_tanh(weights["inp.weight"] @ x + weights["inp.bias"])
-    h = _np_gelu_tanh(weights["mlp.1.weight"] @ h + weights["mlp.1.bias"])
-    return tuple(weights[f"{name}.weight"] @ h + weights[f"{name}.bias"] for name in heads)
-
-
 class Stage1(nn.Module):
     """Before vision: tier and insertion-position heads.
 
@@ -341,17 +303,8 @@ class TwoStageController(nn.Module):
 
     @torch.no_grad()
     def budget_token_embedding(self, budget_ms: float) -> torch.Tensor:
-        """The fixed budget token appended to the LLM input: [d_model] float32 (the last budget's token
-        is cached: a group's rollouts share their budget; the map's buffers never train, but a
-        `load_state_dict`/`.to()` replaces them and so invalidates the entry)."""
-        budget_ms = check_budget_ms(budget_ms)
-        key = (budget_ms, self.budget_token.proj.data_ptr(), self.budget_token.proj._version,
-               self.budget_token.target_rms.data_ptr(), self.budget_token.target_rms._version)
-        cached = getattr(self, "_tok_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, self.budget_token(self.budget_code(torch.tensor([budget_ms])))[0])
-            self._tok_cache = cached
-        return cached[1].clone()
+        """The fixed budget token appended to the LLM input: [d_model] float32."""
+        return self.budget_token(self.budget_code(torch.tensor([check_budget_ms(budget_ms)])))[0]
 
     # ------------------------------------------------------------------------------------------
     def stage1_log_probs(self, lang_feat, budget_emb, tier_tokens, tier_mask, p_mask):
@@ -369,8 +322,8 @@ class TwoStageController(nn.Module):
         return (F.log_softmax(top_k_logits, -1), F.log_softmax(_masked_logits(nb_logits, nb_mask), -1))
 
     @staticmethod
-    def _pick(logp, greedy: bool, generator: torch.Generator | None) -> HeadDecision:
-        """Sample (or argmax, first index on ties) one option from log-probs [C] (numpy or torch).
+    def _pick(logp: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> HeadDecision:
+        """Sample (or argmax, first index on ties) one option from log-probs [C].
 
         Sampling is by inverse CDF on one uniform draw from `generator`, in plain Python: for a
         handful of options this is ~5x faster than torch.multinomial. Options with probability 0
@@ -429,14 +382,12 @@ class TwoStageController(nn.Module):
         if cached is not None and cached[0] == key and np.array_equal(cached[1], lang):
             lt, lp = cached[2]
         else:
-            emb = self._act_budget_embedding_np(budget_ms)
-            w = self._np_weights("stage1", self.stage1)
-            x = np.concatenate([_np_wide(lang), _np_wide(emb),
-                                np.asarray(f.tier_tokens, np.float32) / np.float32(self.token_scale)])
-            tier_logits, p_logits = _np_mlp_heads(self.stage1, x, w, ("tier_head", "p_head"))
-            lt, lp = _np_log_softmax(tier_logits, f.tier_mask), _np_log_softmax(p_logits, f.p_mask)
+            emb = self._act_budget_embedding(budget_ms)
+            lt, lp = self.stage1_log_probs(torch.from_numpy(lang.copy())[None], emb,
+                                           torch.tensor([f.tier_tokens]), torch.tensor([f.tier_mask]),
+                                           torch.tensor([f.p_mask]))
             self._s1_cache = (key, lang.copy(), (lt, lp))
-        return self._pick(lt, greedy, generator), self._pick(lp, greedy, generator)
+        return self._pick(lt[0], greedy, generator), self._pick(lp[0], greedy, generator)
 
     def _stage1_params(self) -> tuple[torch.Tensor, ...]:
         params = getattr(self, "_s1_params", None)
@@ -451,40 +402,12 @@ class TwoStageController(nn.Module):
     def act_stage2(self, budget_ms: float, f: Stage2Features, *, greedy: bool = False,
                    generator: torch.Generator | None = None) -> tuple[HeadDecision, HeadDecision]:
         """Choose top_k and num_blocks for one request. Returns (top_k decision, num_blocks decision)."""
-        emb = self._act_budget_embedding_np(budget_ms)
-        w = self._np_weights("stage2", self.stage2)
-        p_onehot = np.zeros(len(self.space.positions), np.float32)
-        p_onehot[int(f.p_idx)] = 1.0
-        x = np.concatenate([_np_wide(np.asarray(f.latency_state, np.float32)), _np_wide(emb), p_onehot,
-                            _np_scalar_code(np.float32(f.vision_tokens) / np.float32(self.token_scale)),
-                            _np_scalar_code(np.float32(f.spent_frac))])
-        k_logits, nb_logits = _np_mlp_heads(self.stage2, x, w, ("top_k_head", "nb_head"))
-        lk, ln = _np_log_softmax(k_logits), _np_log_softmax(nb_logits, f.nb_mask)
-        return self._pick(lk, greedy, generator), self._pick(ln, greedy, generator)
-
-    def _np_weights(self, name: str, module: nn.Module) -> dict[str, np.ndarray]:
-        """Float32 numpy copies of a stage's parameters, refreshed when any of them changes (optimizer
-        step, `set_weights`, `load_state_dict`: their storage or version counter moves)."""
-        named = self.__dict__.setdefault("_np_named", {})
-        params = named.get(name)
-        if params is None:     # the Parameter objects stay; load_state_dict/.to() change their data in place
-            params = named[name] = tuple(module.named_parameters())
-        key = tuple((t.data_ptr(), t._version) for _, t in params)
-        cache = self.__dict__.setdefault("_np_cache", {})
-        hit = cache.get(name)
-        if hit is None or hit[0] != key:
-            hit = (key, {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in params})
-            cache[name] = hit
-        return hit[1]
-
-    def _act_budget_embedding_np(self, budget_ms: float) -> np.ndarray:
-        """[budget_dim] float32 numpy budget embedding (cached with the torch one)."""
         emb = self._act_budget_embedding(budget_ms)
-        cached = getattr(self, "_emb_np", None)
-        if cached is None or cached[0] is not emb:
-            cached = (emb, emb[0].detach().numpy().astype(np.float32, copy=True))
-            self._emb_np = cached
-        return cached[1]
+        lk, ln = self.stage2_log_probs(torch.as_tensor(f.latency_state, dtype=torch.float32)[None], emb,
+                                       torch.tensor([f.p_idx]), torch.tensor([f.vision_tokens]),
+                                       torch.tensor([f.spent_frac], dtype=torch.float32),
+                                       torch.tensor([f.nb_mask]))
+        return self._pick(lk[0], greedy, generator), self._pick(ln[0], greedy, generator)
 
     def log_prob(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict, dict]:
         """Recompute log-probs of recorded choices from recorded features (the learner's path).

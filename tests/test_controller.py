@@ -276,35 +276,6 @@ def test_act_caches_follow_weight_changes(tmp_path):
     _check_recomputed(other, rows)
 
 
-@pytest.mark.parametrize("d_model", [16, 2048])
-def test_numpy_act_path_equals_the_torch_forward(d_model):
-    """act_stage1/act_stage2 run numpy mirrors of the stages; their log-probs equal the torch forward
-    (the learner's recomputation) within 1e-5 for random features, budgets, masks and positions."""
-    ctl = controller(d_model=d_model, seed=3)
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        p_idx = i % len(ctl.space.positions)
-        tier_mask = [True, bool(i % 2), True]
-        f1, f2 = features(ctl, rng, budget=float(rng.uniform(120, 480)), tier_mask=tier_mask, p_idx=p_idx,
-                          scale=float(rng.uniform(0.01, 3.0)))
-        emb = ctl.budget_embedding(torch.tensor([f1.budget_ms]))
-        with torch.no_grad():
-            lt, lp = ctl.stage1_log_probs(torch.from_numpy(f1.lang_feat)[None], emb, torch.tensor([f1.tier_tokens]),
-                                          torch.tensor([f1.tier_mask]), torch.tensor([f1.p_mask]))
-            lk, ln = ctl.stage2_log_probs(torch.from_numpy(f2.latency_state)[None], emb, torch.tensor([f2.p_idx]),
-                                          torch.tensor([f2.vision_tokens]), torch.tensor([f2.spent_frac]),
-                                          torch.tensor([f2.nb_mask]))
-        for greedy in (True, False):
-            gen = torch.Generator().manual_seed(i)
-            tier, p = ctl.act_stage1(f1, greedy=greedy, generator=gen)
-            k, nb = ctl.act_stage2(f1.budget_ms, f2, greedy=greedy, generator=gen)
-            for d, ref in ((tier, lt), (p, lp), (k, lk), (nb, ln)):
-                assert abs(d.log_prob - float(ref[0, d.index])) < 1e-5
-            if greedy:
-                assert (tier.index, p.index, k.index, nb.index) == (int(lt.argmax()), int(lp.argmax()),
-                                                                    int(lk.argmax()), int(ln.argmax()))
-
-
 # ----------------------------------------------------------------------------------------------
 # Weights as numpy
 # ----------------------------------------------------------------------------------------------
