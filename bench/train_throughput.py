@@ -40,6 +40,12 @@ def main() -> int:
         t_ready = time.monotonic()
         job.monitor()
         job.finish()
+        warmups = []
+        for w in job.workers:
+            try:
+                warmups.append(ray.get(w.warmup_info.remote(), timeout=60))
+            except Exception as exc:  # noqa: BLE001 - a report, not a reason to lose the run's figures
+                warmups.append({"error": f"{type(exc).__name__}: {exc}"[:300]})
     finally:
         job.shutdown()
     wall = time.monotonic() - t0
@@ -55,10 +61,18 @@ def main() -> int:
         per_worker[int(w)] = {"rollouts": int(sel.sum()), "rollouts_per_s": float(sel.sum() / max(span, 1e-9)),
                               "busy_fraction": float((t_end[sel] - t_start[sel]).sum() / max(span, 1e-9))}
     span_all = t_end.max() - t_start.min()
+    # Workers finish warm-up at different times and stop at different times: the fair total rate for
+    # scaling is the one over the window in which every worker was producing.
+    w_lo = max(t_start[wid == w].min() for w in per_worker)
+    w_hi = min(t_end[wid == w].max() for w in per_worker)
+    in_window = (t_end > w_lo) & (t_end <= w_hi)
+    overlap_rate = float(in_window.sum() / (w_hi - w_lo)) if w_hi > w_lo else float("nan")
     steady = metrics[len(metrics) // 4:] or metrics
     out = {"config": args.config, "overrides": args.overrides, "workers": len(per_worker), "updates": len(metrics),
            "rollouts": int(table.num_rows), "wall_s": wall, "startup_s": t_ready - t0,
            "rollouts_per_s_total": float(table.num_rows / max(span_all, 1e-9)), "per_worker": per_worker,
+           "rollouts_per_s_all_workers_active": overlap_rate, "all_workers_active_s": float(max(0.0, w_hi - w_lo)),
+           "warmup": warmups,
            "broadcast_ms_median": float(np.median([m["broadcast_ms"] for m in metrics])),
            "update_ms_median": float(np.median([m["update_ms"] for m in metrics])),
            "learner_idle_fraction": float(metrics[-1]["learner_idle_fraction"]),
@@ -72,6 +86,7 @@ def main() -> int:
     print(f"{'worker':>6} {'rollouts':>8} {'rollouts/s':>10} {'busy':>6}")
     for w, r in per_worker.items():
         print(f"{w:>6} {r['rollouts']:>8} {r['rollouts_per_s']:>10.2f} {r['busy_fraction']:>6.2f}")
+    print(f"all workers active: {overlap_rate:.2f} rollouts/s over {out['all_workers_active_s']:.1f} s")
     print(f"total {out['rollouts_per_s_total']:.2f} rollouts/s over {out['updates']} updates; broadcast "
           f"{out['broadcast_ms_median']:.2f} ms/update; update {out['update_ms_median']:.1f} ms; learner idle "
           f"{out['learner_idle_fraction']:.3f}; startup {out['startup_s']:.1f}s; wall {wall:.1f}s")

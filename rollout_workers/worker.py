@@ -76,7 +76,14 @@ class RolloutWorker:
         self.reward_fn = reward_fn_from_config(cfg.reward)
         self.version = -1
         self.groups_done = 0
+        t0 = time.monotonic()
         self.backend.warmup(cfg.system.warmup_rollouts, self.controller)
+        self.warmup_s = time.monotonic() - t0
+
+    def warmup_info(self) -> dict:
+        """Wall time of the warm-up and the engine's report (graphs captured, compile fallbacks)."""
+        return {"worker_id": self.worker_id, "warmup_s": self.warmup_s,
+                "engine_report": getattr(self.backend, "warmup_report", None)}
 
     def info(self) -> dict:
         return vars(self.backend.info())
