@@ -58,7 +58,15 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test of the script)")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=4, help="torch CPU threads (fixed, as the workers do)")
+    ap.add_argument("--affinity", type=int, default=0,
+                    help="pin this process to this many CPU cores (0 = leave the scheduler free)")
+    ap.add_argument("--experts", default="eager", choices=["eager", "grouped_mm", "batched_mm"],
+                    help="transformers' experts implementation for the OLMoE blocks (eager = per-expert loop)")
+    ap.add_argument("--no-ab", action="store_true", help="skip the controller-overhead A/B")
     args = ap.parse_args()
+    if args.affinity:
+        import os
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.affinity])
     torch.set_num_threads(args.threads)
     gc.disable()   # no collector pauses inside measured requests; collected between settings
     torch.manual_seed(0)
@@ -82,6 +90,8 @@ def main() -> int:
         card = torch.cuda.get_device_name(0) if cuda else "cpu"
         tiers, topks, nbs = (3, 6, 12), (4, 8), (12, 16)
     model.eval()
+    if args.experts != "eager":
+        model.llm.set_experts_implementation(args.experts)
     L = cfg.n_layers
     space = KnobSpace(("low", "medium", "high"), tiers, (1, 2, 3, 4, 5) if L > 5 else (1,),
                       tuple(sorted(set(topks) | {cfg.top_k})), tuple(nbs), L, cfg.num_experts, cfg.top_k)
@@ -118,20 +128,22 @@ def main() -> int:
     # Controller overhead A/B: controlled path vs plain path with the knobs the controller chose.
     diffs, ctl_lat, plain_lat = [], [], []
     gen = torch.Generator().manual_seed(0)
-    for i in range(args.warmup + args.repeats * 2):
+    for i in range(0 if args.no_ab else args.warmup + args.repeats * 2):
         a = engine.serve(image, QUESTION, 250.0, ctl, max_new_tokens=args.tokens, stop_at_eos=False, generator=gen)
         b = run(a.knobs, None)
         if i >= args.warmup:
             diffs.append(a.latency_ms - b.latency_ms)
             ctl_lat.append(a.latency_ms)
             plain_lat.append(b.latency_ms)
-    ab = {"overhead_ms_median": statistics.median(diffs), "overhead_ms_mean": statistics.mean(diffs),
-          "controlled_ms_median": statistics.median(ctl_lat), "plain_ms_median": statistics.median(plain_lat),
-          "pairs": len(diffs), "stage1_plus_stage2_params": ctl.num_policy_params(),
+    ab = {"pairs": len(diffs), "stage1_plus_stage2_params": ctl.num_policy_params(),
           "timer_mark_cost_us": timer_overhead_us(device, 2000)}
-    print(f"controller overhead (A/B, median of {len(diffs)} pairs): {ab['overhead_ms_median']:.3f} ms "
-          f"(target < 0.2 ms; ratio {ab['overhead_ms_median'] / 0.2:.2f}); timer mark {ab['timer_mark_cost_us']:.1f} us")
-    out = {"card": card, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+    if diffs:
+        ab.update(overhead_ms_median=statistics.median(diffs), overhead_ms_mean=statistics.mean(diffs),
+                  controlled_ms_median=statistics.median(ctl_lat), plain_ms_median=statistics.median(plain_lat))
+        print(f"controller overhead (A/B, median of {len(diffs)} pairs): {ab['overhead_ms_median']:.3f} ms "
+              f"(target < 0.2 ms; ratio {ab['overhead_ms_median'] / 0.2:.2f})")
+    print(f"timer mark {ab['timer_mark_cost_us']:.1f} us")
+    out = {"card": card, "affinity_cores": args.affinity, "experts_implementation": args.experts, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
            "engine": "eager", "dtype": "bfloat16" if not args.tiny else "float32", "repeats": args.repeats,
            "answer_tokens": args.tokens, "rows": rows, "ab": ab,
            "max_cv": max(r["latency_cv"] for r in rows)}
