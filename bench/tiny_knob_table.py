@@ -117,7 +117,8 @@ def analyse(rows: list[dict], full: dict, families: list[str]) -> dict:
 
 def to_markdown(res: dict) -> str:
     fams = res["families"]
-    short = {f: f.replace("large_", "L.").replace("small_", "S.").replace("_color", "_col") for f in fams}
+    short = {f: f.replace("large_", "L.").replace("small_", "S.").replace("checker_", "C.").replace("_color", "_col")
+             for f in fams}
     a = res["analysis"]
     lines = [f"Model `{res['model']}`, {res['n_per_combo']} `{res['split']}` questions per combination "
              f"({res['n_per_combo'] // len(fams)} per family), p = 1, plain path (controller=None), "

@@ -1,6 +1,10 @@
 """Train the embedded tiny MolmoE on the shapes question set (issue 6 point 2, DESIGN.md section 8).
 
-    PYTHONPATH=. python jobs/build_tiny_model.py --device cuda --out assets/tiny_molmoe --minutes 7.5
+    PYTHONPATH=. python jobs/build_tiny_model.py --device cuda --out assets/tiny_molmoe --steps 4600 --minutes 8.0
+
+`--steps N` fixes the schedule (exact rebuilds); `--minutes` is then only a wall-clock guard that ends
+training early (recorded as "stopped_early" in build_info.json). Without `--steps` the step count is set
+from the measured speed after 70 steps so that training fills `--minutes`.
 
 Same model code as the full MolmoE (rollout_workers/molmoe), small sizes: a 3-block ViT (64 wide) over
 112-px crops, 8 LLM blocks (64 wide) of 8 experts (width 128) with native top-4. Written in the hub
@@ -78,6 +82,11 @@ def build_shapes_tokenizer(vocab_size: int = 448) -> MolmoTokenizer:
         _, q, a, _ = shapes.render_item(i, "train", 0)
         qs.add(q)
         ans.update(a)
+    for fam in shapes.AUX_FAMILIES:
+        for i in range(60):
+            _, q, a, _ = shapes.render_item(i, "train", 0, family=fam)
+            qs.add(q)
+            ans.update(a)
     lines = [f" User: {q} Assistant: {a}" for q in sorted(qs) for a in sorted(ans)] * 20
     lines += [" ".join(str(i) for i in range(10))] * 50
     lines += _tiny_corpus()
@@ -395,9 +404,15 @@ def main(argv=None) -> int:
     history = []
     step = 0
     ema = None
+    stopped_early = False
     for step_idx, imgs, qs, ans in loader:
-        step = step_idx
         elapsed = time.time() - t_train
+        if args.steps and elapsed > budget_s:
+            # --steps fixes the schedule; --minutes is then a guard (the GPU call has a hard limit)
+            print(f"wall-clock guard: stopping at step {step_idx} of {args.steps} after {elapsed:.0f}s", flush=True)
+            stopped_early = True
+            break
+        step = step_idx
         if not args.steps and step == 20:
             t20 = time.time()
         if not args.steps and step == 70:
@@ -432,9 +447,11 @@ def main(argv=None) -> int:
                   f"t {time.time() - t_train:.0f}s", flush=True)
         if args.eval_every and step and step % args.eval_every == 0:
             r = evaluate(model, lay, tok, cache, val_items[:600], {"full": full, "cheap": cheap}, amp)
-            history.append({"step": step, **{k: v["all"] for k, v in r.items()}})
+            history.append({"step": step, **{k: v["all"] for k, v in r.items()},
+                            "families": {k: {f: round(a, 3) for f, a in v.items()} for k, v in r.items()}})
             print(f"  eval step {step}: full {r['full']['all']:.3f} cheap {r['cheap']['all']:.3f} "
-                  f"{json.dumps({k: round(v, 2) for k, v in r['full'].items()})}", flush=True)
+                  f"{json.dumps({k: round(v, 2) for k, v in r['full'].items()})} "
+                  f"cheap {json.dumps({k: round(v, 2) for k, v in r['cheap'].items()})}", flush=True)
     train_s = time.time() - t_train
     print(f"trained {step + 1} steps x {args.batch} in {train_s:.0f}s", flush=True)
 
@@ -442,6 +459,9 @@ def main(argv=None) -> int:
     model.set_dtypes(torch.bfloat16, vision_dtype=torch.bfloat16)
     model.set_dtypes(torch.float32, vision_dtype=torch.float32)
     settings = {"full": full, "cheap": cheap}
+    if args.final_eval == "short":
+        settings.update({"mc1_nb8": (1, list(range(L)), {}), "mc4_nb8": (4, list(range(L)), {}),
+                         "mc9_nb2": (9, [0, 1], {}), "mc1_nb2": (1, [0, 1], {})})
     for mc in (KNOBS["tier_max_crops"] if args.final_eval == "grid" else []):
         for k in KNOBS["top_k_options"]:
             for nb in (2, 4, 8):
@@ -461,6 +481,7 @@ def main(argv=None) -> int:
     (out / "build_info.json").write_text(json.dumps({
         "command": "PYTHONPATH=. python jobs/build_tiny_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args), "steps": step + 1, "planned_steps": planned, "samples": (step + 1) * args.batch,
+        "stopped_early": stopped_early, "families": list(shapes.FAMILIES), "aux_families": list(shapes.AUX_FAMILIES),
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1), "device": dev_name,
         "torch": torch.__version__, "parameters": n_params, "history": history,
         "validation_accuracy": final, "validation_samples": len(val_items),

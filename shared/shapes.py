@@ -3,23 +3,39 @@
 Every sample is a 224 x 224 PNG scene and one question about it, generated from (seed, split, index)
 alone, so any sample can be regenerated without the others and the splits never share a scene.
 
-Scenes hold LARGE shapes (40-56 px: circle, square, triangle) and SMALL shapes (7-8 px: circle,
-square, triangle, cross) in six colours. Question families:
+Scenes hold LARGE shapes (40-56 px), MEDIUM shapes (24-34 px) and SMALL shapes (7-8 px) of circle,
+square, triangle (small ones also cross) in six colours. A shape is drawn in one of three fills: "full"
+(the saturated colour), "pastel" (the mean of the colour and white, solid) or "checker" (a 1-px
+checkerboard of the colour and white over an axis-aligned box inside the shape, whose mean is exactly
+the pastel; the rim stays pastel). Question families (FAMILIES; the held-out set cycles through them):
 
-| family              | question                                   | answer        | needs                     |
-|---------------------|--------------------------------------------|---------------|---------------------------|
-| large_color         | What color is the big {shape}?             | colour word   | the global view           |
-| large_exists        | Is there a big circle?                     | yes / no      | the global view           |
-| large_count_color   | How many big {color} shapes are there?     | 0..3          | global view, counting     |
-| small_color         | What color is the small {shape}?           | colour word   | crops: the small shape's  |
-|                     |                                            |               | type is lost at 1/2 scale |
-| small_count         | How many small {shape}s are there?         | 1..3          | crops and counting        |
-| small_corner        | Which corner has the small cross?          | top left, ... | crops (all four small     |
-|                     |                                            |               | shapes share one colour)  |
+| family            | question                                          | answer      | needs                          |
+|-------------------|---------------------------------------------------|-------------|--------------------------------|
+| large_color       | What color is the big {shape}?                    | colour word | the global view                |
+| large_count_color | How many big {color} shapes are there?            | 0..3        | the global view, counting      |
+| checker_color     | What color is the checkered shape?                | colour word | crops at full scale (max_crops |
+|                   |                                                   |             | 9): see "erasure" below        |
+| checker_count     | How many checkered shapes are there?              | 0..3        | crops at full scale            |
+| more_color        | Are there more {c1} shapes than {c2} shapes?      | yes / no    | the global view; two counts    |
+|                   |                                                   |             | and a comparison (depth)       |
+| right_color       | What color is the next shape right of the {c}     | colour word | the global view; two hops      |
+|                   | shape?                                            |             | (find {c}, then its neighbour) |
 
-With the tiny model's 112-px crops, the global view sees the scene at half scale (a small shape is
-3-4 px there); max_crops 9 tiles it at full scale. Answers are short strings scored with metric
-"exact" (shared/scorers.py).
+Erasure (DETAIL_FAMILIES): the tiny model's 112-px crops see the 224-px scene at half scale in the
+global view and at max_crops 1 (1x1 tiling), at 3/4 scale at max_crops 4 (2x2) and at full scale at
+max_crops 9 (3x3). Torch's antialiased bilinear 2:1 resize has taps (1, 3, 3, 1) / 8, which map a
+1-px checkerboard (a, b, a, b) to exactly (a + b) / 2: at half scale a checkered shape is the same
+pixels as a pastel one, except <= 1/16 of the contrast at the four corners of the checker box
+(tests/test_shapes.py checks this through MolmoPreprocessor). At 3/4 scale the checkerboard keeps a
+few percent of its contrast, aliased; at full scale all of it. Every shape in the checker families is
+pastel or checkered, so from the global view only their colours, kinds and number are visible.
+
+DEPTH_FAMILIES (more_color, right_color) are answered from the global view but combine two pieces of
+evidence; they are meant to need more LLM blocks than the single-lookup families.
+
+Training-only auxiliary families (AUX_FAMILIES, never evaluated) and the families of the first two
+builds (LEGACY_FAMILIES: large_exists, small_color, small_count, small_corner) can be generated with
+`family=`. Answers are short strings scored with metric "exact" (shared/scorers.py).
 
     ds = shapes_dataset("validation", 600, seed=0)     # datasets.Dataset
     samples = shapes_samples("validation", 600)         # list[shared.backend.Sample]
@@ -47,15 +63,20 @@ COLORS: dict[str, tuple[int, int, int]] = {
 LARGE_SHAPES = ("circle", "square", "triangle")
 SMALL_SHAPES = ("circle", "square", "triangle", "cross")
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
-FAMILIES = ("large_color", "large_exists", "large_count_color", "small_color", "small_count", "small_corner")
-DETAIL_FAMILIES = ("small_color", "small_count", "small_corner")
+FAMILIES = ("large_color", "large_count_color", "checker_color", "checker_count", "more_color", "right_color")
+DETAIL_FAMILIES = ("checker_color", "checker_count")      # need max_crops 9 (full-scale crops)
+DEPTH_FAMILIES = ("more_color", "right_color")            # global view, two pieces of evidence
+LEGACY_FAMILIES = ("large_exists", "small_color", "small_count", "small_corner")  # builds 1 and 2
 SPLITS = {"train": 0, "validation": 1, "test": 2, "calibration": 3}
 DEFAULT_SIZES = {"train": 20000, "validation": 600, "test": 600, "calibration": 300}
 METRIC = "exact"
 MAX_NEW_TOKENS = 4
 
 LARGE_PX = (40, 56)
+MEDIUM_PX = (24, 34)
 SMALL_PX = (7, 8)
+RIGHT_GAP = 44          # right_color: centres at least this far apart in x (no ties, no overlap)
+FILLS = ("full", "pastel", "checker")
 
 
 @dataclass
@@ -66,6 +87,7 @@ class Shape:
     y: float
     size: float       # bounding-box side in px
     small: bool
+    fill: str = "full"  # "full" | "pastel" | "checker" (see the module docstring)
 
 
 @dataclass
@@ -101,12 +123,41 @@ def _draw(shapes: list[Shape], rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def _render(shapes: list[Shape], rng: np.random.Generator) -> Image.Image:
+def pastel(color: str) -> tuple[int, int, int]:
+    """The solid fill whose pixels equal the checkerboard's mean exactly: (c + 255) // 2 per channel."""
+    return tuple((v + 255) // 2 for v in COLORS[color])
+
+
+def checker_pair(color: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The two checkerboard values (the colour, and 2 * pastel - colour, i.e. 254 or 255 per channel):
+    their mean is exactly `pastel(color)`."""
+    c, m = COLORS[color], pastel(color)
+    return c, tuple(2 * mv - cv for cv, mv in zip(c, m))
+
+
+def checker_box(s: Shape) -> tuple[int, int, int, int]:
+    """Inclusive pixel box (x0, y0, x1, y1) of a checkered shape's texture: an axis-aligned box at
+    least 1 px inside the drawn shape (circle: the inscribed square; triangle, apex up: the lower
+    half's central rectangle)."""
+    h = s.size / 2
+    if s.kind == "circle":
+        ax, ay0, ay1 = h / math.sqrt(2) - 1, -h / math.sqrt(2) + 1, h / math.sqrt(2) - 1
+    elif s.kind == "square":
+        ax, ay0, ay1 = h - 1, -h + 1, h - 1
+    elif s.kind == "triangle":
+        ax, ay0, ay1 = h / 2 - 1, 1.0, h - 1
+    else:  # pragma: no cover
+        raise ValueError(f"no checker box for {s.kind}")
+    return (math.ceil(s.x - ax), math.ceil(s.y + ay0), math.floor(s.x + ax), math.floor(s.y + ay1))
+
+
+def _render(shapes: list[Shape], rng: np.random.Generator, checker: bool = True) -> Image.Image:
+    """The scene. checker=False draws checkered shapes as pastel (the erasure tests' reference)."""
     bg = tuple(int(v) for v in rng.integers(235, 256, 3))
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), bg)
     d = ImageDraw.Draw(img)
     for s in shapes:
-        c = COLORS[s.color]
+        c = COLORS[s.color] if s.fill == "full" else pastel(s.color)
         h = s.size / 2
         box = [s.x - h, s.y - h, s.x + h, s.y + h]
         if s.kind == "circle":
@@ -121,6 +172,16 @@ def _render(shapes: list[Shape], rng: np.random.Generator) -> Image.Image:
             d.line([(s.x - h, s.y + h), (s.x + h, s.y - h)], fill=c, width=w)
         else:  # pragma: no cover
             raise ValueError(s.kind)
+    textured = [s for s in shapes if s.fill == "checker"] if checker else []
+    if textured:
+        arr = np.array(img)
+        for s in textured:
+            x0, y0, x1, y1 = checker_box(s)
+            a, b = checker_pair(s.color)
+            yy, xx = np.mgrid[y0:y1 + 1, x0:x1 + 1]
+            arr[y0:y1 + 1, x0:x1 + 1] = np.where(((xx + yy) % 2 == 0)[..., None], np.array(a, np.uint8),
+                                                  np.array(b, np.uint8))
+        img = Image.fromarray(arr)
     return img
 
 
@@ -234,6 +295,73 @@ def _q_small_corner(rng):
     return shapes, "Which corner has the small cross?", [CORNERS[which]]
 
 
+def _medium(rng, shapes, color, kind=None, x=None, y=None) -> Shape:
+    size = float(rng.uniform(*MEDIUM_PX))
+    kind = kind or str(rng.choice(LARGE_SHAPES))
+    if x is None:
+        x, y = _place(rng, shapes, size, False)
+    s = Shape(kind, color, float(x), float(y), size, False)
+    shapes.append(s)
+    return s
+
+
+def _q_checker_color(rng):
+    """2-4 big pastel shapes of distinct colours, exactly one checkered."""
+    shapes: list[Shape] = []
+    colors = list(rng.permutation(list(COLORS)))
+    n = int(rng.integers(2, 5))
+    placed = [_large(rng, shapes, color=str(colors[i])) for i in range(n)]
+    for s in placed:
+        s.fill = "pastel"
+    target = placed[int(rng.integers(0, n))]
+    target.fill = "checker"
+    return shapes, "What color is the checkered shape?", [target.color]
+
+
+def _q_checker_count(rng):
+    """2-4 big pastel shapes (colours may repeat), 0-3 of them checkered (uniform)."""
+    shapes: list[Shape] = []
+    k = int(rng.integers(0, 4))
+    n = int(rng.integers(max(2, k), 5))
+    placed = [_large(rng, shapes) for _ in range(n)]
+    for i, s in enumerate(placed):
+        s.fill = "pastel"
+    for i in rng.permutation(n)[:k]:
+        placed[int(i)].fill = "checker"
+    return shapes, "How many checkered shapes are there?", [str(k)]
+
+
+def _q_more_color(rng):
+    """n1 != n2 in 1..4 medium shapes of colours c1 and c2 (yes iff n1 > n2), 0-2 of other colours."""
+    shapes: list[Shape] = []
+    c1, c2, *others = [str(c) for c in rng.permutation(list(COLORS))]
+    n1, n2 = (int(v) for v in rng.choice(np.arange(1, 5), 2, replace=False))
+    for _ in range(n1):
+        _medium(rng, shapes, c1)
+    for _ in range(n2):
+        _medium(rng, shapes, c2)
+    for _ in range(int(rng.integers(0, 3))):
+        _medium(rng, shapes, str(rng.choice(others)))
+    return shapes, f"Are there more {c1} shapes than {c2} shapes?", ["yes" if n1 > n2 else "no"]
+
+
+def _q_right_color(rng):
+    """3-4 medium shapes of distinct colours whose centres are >= RIGHT_GAP px apart in x; ask for the
+    colour of the next shape to the right of one of them (not the rightmost)."""
+    shapes: list[Shape] = []
+    n = int(rng.integers(3, 5))
+    colors = [str(c) for c in rng.permutation(list(COLORS))[:n]]
+    lo, hi = MEDIUM_PX[1] / 2 + 4, IMAGE_SIZE - MEDIUM_PX[1] / 2 - 4
+    slack = hi - lo - (n - 1) * RIGHT_GAP
+    xs = np.sort(rng.uniform(0, slack, n)) + lo + RIGHT_GAP * np.arange(n)
+    order = rng.permutation(n)                       # colours are not sorted by x
+    for i in range(n):
+        _medium(rng, shapes, colors[order[i]], x=xs[i], y=rng.uniform(lo, hi))
+    i = int(rng.integers(0, n - 1))
+    return (shapes, f"What color is the next shape right of the {shapes[i].color} shape?",
+            [shapes[i + 1].color])
+
+
 def _q_large_shape(rng):
     """Training-only auxiliary: name the big shape of a given colour (direct shape supervision)."""
     shapes: list[Shape] = []
@@ -256,11 +384,15 @@ def _q_small_shape(rng):
     return shapes, f"What shape is the small {target.color} object?", [target.kind]
 
 
-AUX_FAMILIES = ("large_shape", "small_shape")
+AUX_FAMILIES = ("large_shape",)
 
 _FAMILY_FN = {
     "large_shape": _q_large_shape,
     "small_shape": _q_small_shape,
+    "checker_color": _q_checker_color,
+    "checker_count": _q_checker_count,
+    "more_color": _q_more_color,
+    "right_color": _q_right_color,
     "large_color": _q_large_color,
     "large_exists": _q_large_exists,
     "large_count_color": _q_large_count_color,
@@ -282,17 +414,18 @@ def make_item(index: int, split: str = "train", seed: int = 0, family: Optional[
                       shapes=shapes, index=index, split=split)
 
 
-def render_item(index: int, split: str = "train", seed: int = 0,
-                family: Optional[str] = None) -> tuple[np.ndarray, str, list[str], str]:
+def render_item(index: int, split: str = "train", seed: int = 0, family: Optional[str] = None,
+                checker: bool = True) -> tuple[np.ndarray, str, list[str], str]:
     """The same sample as `make_item` without PNG encoding (training): (RGB uint8 [224, 224, 3],
     question, answers, question_type). Identical pixels to decoding `make_item(...).image`.
-    `family` may also name a training-only auxiliary family (AUX_FAMILIES)."""
+    `family` may also name a training-only auxiliary family (AUX_FAMILIES) or a LEGACY_FAMILIES one.
+    checker=False draws checkered shapes as solid pastel (the same scene otherwise; tests)."""
     if split not in SPLITS:
         raise ValueError(f"unknown shapes split {split!r}; splits: {sorted(SPLITS)}")
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index), 0x5A4E])
     fam = family or FAMILIES[index % len(FAMILIES)]
     shapes, question, answers = _FAMILY_FN[fam](rng)
-    return np.asarray(_render(shapes, rng)), question, answers, fam
+    return np.asarray(_render(shapes, rng, checker=checker)), question, answers, fam
 
 
 def answer_from_scene(question_type: str, question: str, shapes: list[Shape]) -> str:
@@ -307,6 +440,17 @@ def answer_from_scene(question_type: str, question: str, shapes: list[Shape]) ->
         return "yes" if any(s.kind == "circle" for s in large) else "no"
     if question_type == "large_count_color":
         return str(sum(s.color == words[3] for s in large))
+    if question_type == "checker_color":
+        (s,) = [s for s in shapes if s.fill == "checker"]
+        return s.color
+    if question_type == "checker_count":
+        return str(sum(s.fill == "checker" for s in shapes))
+    if question_type == "more_color":
+        c1, c2 = words[3], words[6]
+        return "yes" if sum(s.color == c1 for s in shapes) > sum(s.color == c2 for s in shapes) else "no"
+    if question_type == "right_color":
+        (ref,) = [s for s in shapes if s.color == words[-2]]
+        return min((s for s in shapes if s.x > ref.x), key=lambda s: s.x).color
     if question_type == "small_color":
         (s,) = [s for s in small if s.kind == words[-1]]
         return s.color

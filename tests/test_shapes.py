@@ -35,10 +35,93 @@ def test_every_family_present_and_answers_match_scene():
         assert score("exact", truth, it.answers) == 1.0
         img = Image.open(io.BytesIO(it.image))
         assert img.size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE) and img.mode == "RGB"
-        # the drawn pixel at each shape's centre has its colour (crosses: the centre is on both strokes)
+        # the drawn pixel at each shape's centre has its colour (crosses: the centre is on both strokes;
+        # pastel shapes: the pastel; checkered circles and squares: one of the two checker values)
         for s in it.shapes:
-            if s.kind != "triangle":
-                assert img.getpixel((int(round(s.x)), int(round(s.y)))) == shapes.COLORS[s.color]
+            if s.kind == "triangle":
+                continue
+            px = img.getpixel((int(round(s.x)), int(round(s.y))))
+            if s.fill == "full":
+                assert px == shapes.COLORS[s.color]
+            elif s.fill == "pastel":
+                assert px == shapes.pastel(s.color)
+            else:
+                assert px in shapes.checker_pair(s.color)
+
+
+@pytest.mark.parametrize("family", shapes.AUX_FAMILIES + shapes.LEGACY_FAMILIES)
+def test_aux_and_legacy_families_generate(family):
+    for i in range(6):
+        it = shapes.make_item(i, "train", family=family)
+        assert it.question_type == family and it.answers
+        if family in shapes.LEGACY_FAMILIES:
+            assert it.answers == [shapes.answer_from_scene(family, it.question, it.shapes)]
+
+
+def test_family_scenes():
+    import numpy as np
+    for i in range(40):
+        it = shapes.make_item(i, "validation", family="right_color")
+        xs = sorted(s.x for s in it.shapes)
+        assert min(np.diff(xs)) >= shapes.RIGHT_GAP - 1e-6 and len({s.color for s in it.shapes}) == len(it.shapes)
+        it = shapes.make_item(i, "validation", family="more_color")
+        c1, c2 = it.question.split()[3], it.question.split()[6]
+        n1, n2 = (sum(s.color == c for s in it.shapes) for c in (c1, c2))
+        assert n1 != n2 and min(n1, n2) >= 1
+        for fam in shapes.DETAIL_FAMILIES:       # only pastel / checkered shapes: no colour gives it away
+            it = shapes.make_item(i, "validation", family=fam)
+            assert {s.fill for s in it.shapes} <= {"pastel", "checker"}
+    answers = [shapes.make_item(i, "train", family="checker_count").answers[0] for i in range(200)]
+    assert set(answers) == {"0", "1", "2", "3"}
+    answers = [shapes.make_item(i, "train", family="more_color").answers[0] for i in range(200)]
+    assert 70 < answers.count("yes") < 130
+
+
+def test_checker_mean_is_the_pastel():
+    for c in shapes.COLORS:
+        a, b = shapes.checker_pair(c)
+        assert all(0 <= v <= 255 for v in a + b)
+        assert tuple((x + y) / 2 for x, y in zip(a, b)) == shapes.pastel(c)
+
+
+def _preprocessed_diff(pre, a, b, mc, std):
+    import torch
+    x = pre.preprocess("q", a, max_crops=mc).images
+    y = pre.preprocess("q", b, max_crops=mc).images
+    return ((x - y).reshape(*x.shape[:2], -1, 3) * torch.tensor(std)).abs()   # [0, 1] pixel units
+
+
+def test_global_view_erases_the_checkerboard():
+    """The property the detail families rely on, through the real preprocessing of the tiny model's
+    geometry (112-px crops, 14-px patches): at max_crops 1 (the global view and the 1x1 crop, both at
+    half scale) a checkered scene equals the same scene with the shape solid pastel, except at most
+    1/16 of the checker contrast at 2 x 2 output pixels around each corner of each checker box; at max_crops 9 (full scale)
+    the checkerboard is there at full contrast; at max_crops 4 (3/4 scale) at part of it."""
+    from rollout_workers.molmoe import MolmoeConfig, MolmoPreprocessor, MolmoTokenizer
+
+    cfg = MolmoeConfig.tiny(d_model=64, n_layers=8, n_heads=4, n_kv_heads=4, expert_hidden_size=128,
+                            num_experts=8, top_k=4, vit_hidden_size=64, vit_num_layers=3, vit_num_heads=4,
+                            vit_head_dim=16, vit_mlp_size=256, vit_layers=(-1, -2), max_crops=9)
+    assert (cfg.crop_size_px, cfg.patch_size_px) == (112, 14)
+    pre = MolmoPreprocessor(cfg, MolmoTokenizer.tiny())
+    for fam in shapes.DETAIL_FAMILIES:
+        for i in range(8):
+            it = shapes.make_item(i, "validation", family=fam)
+            n_chk = sum(s.fill == "checker" for s in it.shapes)
+            a, *_ = shapes.render_item(i, "validation", family=fam)
+            b, *_ = shapes.render_item(i, "validation", family=fam, checker=False)
+            if n_chk == 0:
+                assert (a == b).all()
+                continue
+            d1 = _preprocessed_diff(pre, a, b, 1, cfg.image_std)
+            assert float(d1.max()) < 0.03                      # <= 1/16 of 0.45 contrast
+            # pixels changed at all: 2 crops x 4 corners x 2 x 2 output pixels per checker box
+            assert int((d1.amax(-1) > 0.005).sum()) <= 2 * 4 * 4 * n_chk
+            d9 = _preprocessed_diff(pre, a, b, 9, cfg.image_std)
+            assert float(d9[1:].max()) > 0.3 and int((d9[1:] > 0.1).sum()) > 100 * n_chk
+            assert float(d9[0].max()) < 0.03                   # the global crop is still half scale
+            d4 = _preprocessed_diff(pre, a, b, 4, cfg.image_std)
+            assert 0.03 < float(d4[1:].max()) < float(d9[1:].max())
 
 
 def test_dataset_columns():
