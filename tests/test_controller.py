@@ -276,6 +276,135 @@ def test_act_caches_follow_weight_changes(tmp_path):
     _check_recomputed(other, rows)
 
 
+def _torch_log_probs(ctl, f1, f2):
+    """The learner's torch forward for one request: (tier, p, top_k, nb) log-probs [C] each."""
+    with torch.no_grad():
+        emb = ctl.budget_embedding(torch.tensor([f1.budget_ms]))
+        lt, lp = ctl.stage1_log_probs(torch.from_numpy(f1.lang_feat)[None], emb, torch.tensor([f1.tier_tokens]),
+                                      torch.tensor([f1.tier_mask]), torch.tensor([f1.p_mask]))
+        lk, ln = ctl.stage2_log_probs(torch.from_numpy(f2.latency_state)[None], emb, torch.tensor([f2.p_idx]),
+                                      torch.tensor([f2.vision_tokens]), torch.tensor([f2.spent_frac]),
+                                      torch.tensor([f2.nb_mask]))
+    return lt[0], lp[0], lk[0], ln[0]
+
+
+def _numpy_log_probs(ctl, f1, f2):
+    """The numpy act path's log-probs (tier, p, top_k, nb) as lists."""
+    act = ctl._numpy_act()
+    return (*act.sync(ctl, 1).stage1(f1.budget_ms, f1), *act.sync(ctl, 2).stage2(f1.budget_ms, f2))
+
+
+@pytest.mark.parametrize("d_model", [16, 2048])
+def test_numpy_act_path_equals_the_torch_forward(d_model):
+    """act_stage1/act_stage2 run numpy mirrors of the stages (the default act path); the log-probs of every
+    option equal the torch forward (the learner's recomputation) within 1e-5 for random features, budgets
+    (inside and outside the normalisation range), masks, positions, token counts and spent fractions;
+    masked options get -inf; greedy = argmax; and the decisions equal the torch act path's draw for draw."""
+    ctl = controller(d_model=d_model, seed=3)
+    assert ctl.act_impl == "numpy"
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        p_idx = i % len(ctl.space.positions)
+        f1, f2 = features(ctl, rng, budget=float(rng.uniform(60, 560)), tier_mask=[True, bool(i % 2), True],
+                          p_idx=p_idx, scale=float(rng.uniform(0.01, 40.0)))
+        f1.lang_feat += np.float32(rng.normal() * 3)          # an offset: the layer norm must remove it
+        f2.vision_tokens, f2.spent_frac = int(rng.integers(0, 3000)), float(rng.uniform(0.0, 1.5))
+        refs = _torch_log_probs(ctl, f1, f2)
+        for got, ref in zip(_numpy_log_probs(ctl, f1, f2), refs):
+            ref = ref.tolist()
+            assert len(got) == len(ref)
+            for g, r in zip(got, ref):
+                assert (g == r == -math.inf) or abs(g - r) < 1e-5, (got, ref)
+        for greedy in (True, False):
+            decisions = {}
+            for impl in ("numpy", "torch"):
+                ctl.act_impl = impl
+                gen = torch.Generator().manual_seed(i)
+                decisions[impl] = (*ctl.act_stage1(f1, greedy=greedy, generator=gen),
+                                   *ctl.act_stage2(f1.budget_ms, f2, greedy=greedy, generator=gen))
+            ctl.act_impl = "numpy"
+            for d, dt, ref in zip(decisions["numpy"], decisions["torch"], refs):
+                assert d.index == dt.index and abs(d.log_prob - dt.log_prob) < 1e-5
+                assert abs(d.log_prob - float(ref[d.index])) < 1e-5
+            if greedy:
+                assert [d.index for d in decisions["numpy"]] == [int(r.argmax()) for r in refs]
+
+
+def test_numpy_act_path_keeps_budgets_and_follows_in_place_changes():
+    """More budgets than the act path keeps, revisited in another order, give the same log-probs as a fresh
+    controller; in-place weight changes (load_state_dict, a direct edit under no_grad) and `.to()` are seen."""
+    ctl = controller(d_model=32, seed=4)
+    rng = np.random.default_rng(1)
+    reqs = [features(ctl, rng, budget=float(b), p_idx=int(j) % 5) for j, b in enumerate(rng.uniform(90, 510, 150))]
+
+    def run(c, order):
+        return {i: _numpy_log_probs(c, *reqs[i]) for i in order}
+
+    first = run(ctl, range(150))
+    again = run(ctl, rng.permutation(150))
+    assert all(first[i] == again[i] for i in range(150))
+    fresh = controller(d_model=32, seed=4)
+    assert run(fresh, range(150)) == first
+    other = controller(d_model=32, seed=5)
+    ctl.load_state_dict(other.state_dict())
+    assert run(ctl, range(20)) == run(other, range(20))
+    with torch.no_grad():
+        ctl.budget_encoder.net[3].bias.add_(0.5)
+        ctl.stage2.nb_head.weight.mul_(2.0)
+    f1, f2 = reqs[3]
+
+    def check():
+        for got, ref in zip(_numpy_log_probs(ctl, f1, f2), _torch_log_probs(ctl, f1, f2)):
+            assert max(abs(g - r) for g, r in zip(got, ref.tolist()) if math.isfinite(r)) < 1e-5
+
+    check()
+    with torch.no_grad():                                    # the encoder alone, then Stage1 alone
+        ctl.budget_encoder.net[0].weight.mul_(1.5)
+    check()
+    with torch.no_grad():
+        ctl.stage1.p_head.bias.add_(torch.arange(5.0))
+    check()
+    ctl.to(torch.float64).to(torch.float32)                  # new storage for every tensor
+    check()
+    with torch.no_grad():                                    # a replaced tensor (same version, new storage)
+        ctl.stage2.inp.weight.data = ctl.stage2.inp.weight.data * 0.5
+    check()
+    ctl.load_state_dict(other.state_dict(), assign=True)     # new parameter objects
+    assert run(ctl, range(20)) == run(other, range(20))
+
+
+def test_numpy_act_path_rejects_malformed_features():
+    ctl = controller(d_model=16)
+    rng = np.random.default_rng(0)
+    f1, f2 = features(ctl, rng)
+    with pytest.raises(ValueError, match="lang_feat"):
+        ctl.act_stage1(Stage1Features(np.zeros(15, np.float32), 200.0, f1.tier_tokens, f1.tier_mask, f1.p_mask))
+    with pytest.raises(ValueError, match="tier_tokens"):
+        ctl.act_stage1(Stage1Features(f1.lang_feat, 200.0, [412, 740], f1.tier_mask, f1.p_mask))
+    with pytest.raises(ValueError, match="no feasible option"):
+        ctl.act_stage1(Stage1Features(f1.lang_feat, 200.0, f1.tier_tokens, [False] * 3, f1.p_mask))
+    with pytest.raises(ValueError, match="latency_state"):
+        ctl.act_stage2(200.0, Stage2Features(np.zeros(1, np.float32), 0, 740, 0.3, f2.nb_mask))
+    with pytest.raises(ValueError, match="p_idx"):
+        ctl.act_stage2(200.0, Stage2Features(f2.latency_state, 5, 740, 0.3, f2.nb_mask))
+    with pytest.raises(ValueError, match="mask"):
+        ctl.act_stage2(200.0, Stage2Features(f2.latency_state, 0, 740, 0.3, f2.nb_mask[:-1]))
+
+
+def test_budget_token_numpy_equals_torch():
+    ctl = controller(d_model=2048, token_rms=0.0173, token_seed=3)
+    for b in (1.0, 120.0, 233.3, 499.0, 10_000.0):
+        tok = ctl.budget_token_embedding(b)
+        ctl.act_impl = "torch"
+        ref = ctl.budget_token_embedding(b)
+        ctl.act_impl = "numpy"
+        assert tok.dtype == torch.float32 and tok.shape == (2048,)
+        assert float((tok - ref).abs().max()) < 1e-5 * 0.0173 * 10
+        tok.add_(1.0)                                       # a fresh tensor: the kept token is untouched
+        assert torch.equal(ctl.budget_token_embedding(b), ctl.budget_token_embedding(b))
+        assert float((ctl.budget_token_embedding(b) - ref).abs().max()) < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------
 # Weights as numpy
 # ----------------------------------------------------------------------------------------------
