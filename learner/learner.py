@@ -92,7 +92,8 @@ class Learner:
         torch.manual_seed(cfg.system.seed)
         space = KnobSpace.from_config(cfg.knobs, cfg.model)
         self.controller = TwoStageController.from_config(cfg, space, token_rms=float(backend_info["token_rms"]))
-        self.trainer = GRPOTrainer(self.controller, cfg.grpo, seed=cfg.system.seed)
+        self.trainer = GRPOTrainer(self.controller, cfg.grpo, seed=cfg.system.seed,
+                                   total_updates=cfg.system.total_updates)
         self.dispenser = SampleDispenser(list(train_ids), seed=cfg.system.seed)
         self.val_ids = list(val_ids)
         # Bookkeeping

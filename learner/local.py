@@ -99,7 +99,7 @@ def run_bandit(cfg, *, eval_budgets: int = 29,
         raise ValueError("the bandit evaluates on the val split: set data.val_samples > 0")
     torch.manual_seed(seed)                    # controller initialisation
     controller = TwoStageController.from_config(cfg, backend.space, token_rms=backend.info().token_rms)
-    trainer = GRPOTrainer(controller, cfg.grpo, seed)
+    trainer = GRPOTrainer(controller, cfg.grpo, seed, total_updates=int(cfg.system.total_updates))
     budgets = [float(b) for b in np.linspace(cfg.budget.min_ms, cfg.budget.max_ms, eval_budgets)]
     t0 = time.perf_counter()
     train_local(cfg, backend, trainer, train_samples, updates=int(cfg.system.total_updates), seed=seed,

@@ -6,10 +6,15 @@ computes group-relative advantages, drops zero-variance groups (counted), and ru
 worker recorded (`behavior_logp`); the new log-prob is recomputed from recorded features by
 `TwoStageController.log_prob`. It fills each row's learner-owned fields (`step`, `advantage`,
 `ratio_first`), bumps the step and the policy version, and returns per-update statistics.
+
+The learning rate of update u (0-based) follows `grpo.lr_schedule` over `total_updates`: constant, or a
+cosine / linear decay from `lr` to `lr * lr_final_frac` (`lr_factor`); a resumed run continues it from
+the restored step.
 """
 from __future__ import annotations
 
 import copy
+import math
 import random
 from typing import Any, Sequence
 
@@ -20,12 +25,32 @@ from learner import grpo
 from shared.controller import HEADS, TwoStageController, collate_features
 
 
-class GRPOTrainer:
-    """Owns the controller being trained, its optimizer and the frozen reference policy (for KL)."""
+def lr_factor(schedule: str, update: int, total_updates: int, final_frac: float) -> float:
+    """Learning rate of update `update` (0-based) / the base lr: 1 for "constant"; for "cosine" and
+    "linear" a decay from 1 at update 0 towards `final_frac`, reached at `total_updates` (held after it)."""
+    if schedule == "constant":
+        return 1.0
+    if total_updates <= 0:
+        raise ValueError(f"lr_schedule {schedule!r} needs the run's total number of updates")
+    x = min(max(update, 0) / total_updates, 1.0)
+    if schedule == "cosine":
+        return final_frac + (1.0 - final_frac) * 0.5 * (1.0 + math.cos(math.pi * x))
+    if schedule == "linear":
+        return 1.0 - (1.0 - final_frac) * x
+    raise ValueError(f"unknown lr_schedule {schedule!r}")
 
-    def __init__(self, controller: TwoStageController, grpo_cfg: Any, seed: int = 0):
+
+class GRPOTrainer:
+    """Owns the controller being trained, its optimizer and the frozen reference policy (for KL).
+
+    `total_updates` (the run's `system.total_updates`) sets the span of a decaying `grpo.lr_schedule`.
+    """
+
+    def __init__(self, controller: TwoStageController, grpo_cfg: Any, seed: int = 0, total_updates: int = 0):
         self.controller = controller
         self.cfg = grpo_cfg
+        self.total_updates = int(total_updates)
+        lr_factor(grpo_cfg.lr_schedule, 0, self.total_updates, grpo_cfg.lr_final_frac)   # fail early
         self.reference = copy.deepcopy(controller).eval() if grpo_cfg.kl_coef > 0 else None
         if self.reference is not None:
             for prm in self.reference.parameters():
@@ -65,6 +90,10 @@ class GRPOTrainer:
         for r, v in zip(rows, ratio.tolist()):
             r["ratio_first"] = v
         stats["ratio_first_max_abs_dev"] = float((ratio - 1).abs().max())
+        lr = cfg.lr * lr_factor(cfg.lr_schedule, self.step, self.total_updates, cfg.lr_final_frac)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        stats["lr"] = lr
         idx = torch.nonzero(keep).flatten()
         if idx.numel() > 0:
             stats.update(self._optimise([rows[i] for i in idx.tolist()], advantages[idx].to(torch.float32)))

@@ -124,6 +124,9 @@ class GRPOConfig:
     epochs: int = _f(2, doc="passes over each batch", lo=1, hi=100)
     minibatches: int = _f(2, doc="minibatches per epoch", lo=1, hi=1024)
     lr: float = _f(3e-3, doc="Adam learning rate (0 freezes the policy)", lo=0.0, hi=1.0)
+    lr_schedule: str = _f("constant", doc="learning rate over the run's system.total_updates: constant, or a "
+                          "cosine / linear decay from lr to lr * lr_final_frac", choices=["constant", "cosine", "linear"])
+    lr_final_frac: float = _f(0.1, doc="last update's learning rate / lr under a decaying lr_schedule", lo=0.0, hi=1.0)
     weight_decay: float = _f(0.0, doc="AdamW weight decay", lo=0.0)
     grad_clip: float = _f(1.0, doc="gradient-norm clip (0 = off)", lo=0.0)
     clip_low: float = _f(0.2, doc="PPO ratio clip below 1", lo=0.0, hi=1.0)

@@ -325,3 +325,36 @@ def test_validation_results_count_as_progress(tmp_path):
                                   {"reward": 0.5, "accuracy": 1.0, "within_budget": True, "latency_ms": 1.0})
         assert learner.status()["since_last_group_s"] == 0.0
     assert learner.val_history and learner.val_history[-1]["rollouts"] == 3 * cfg.data.val_samples
+
+
+def test_lr_factor_schedules():
+    from learner.trainer import lr_factor
+    assert [lr_factor("constant", u, 0, 0.1) for u in (0, 5, 99)] == [1.0, 1.0, 1.0]
+    assert lr_factor("cosine", 0, 100, 0.1) == 1.0
+    assert lr_factor("cosine", 50, 100, 0.1) == pytest.approx(0.55)
+    assert lr_factor("cosine", 100, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor("cosine", 250, 100, 0.1) == pytest.approx(0.1)          # held after the run's end
+    assert lr_factor("linear", 25, 100, 0.2) == pytest.approx(0.8)
+    cos = [lr_factor("cosine", u, 40, 0.0) for u in range(41)]
+    assert all(a > b for a, b in zip(cos, cos[1:]))
+    with pytest.raises(ValueError, match="total number of updates"):
+        lr_factor("cosine", 0, 0, 0.1)
+
+
+def test_lr_schedule_runs_over_total_updates_and_resumes(tmp_path):
+    """A cosine schedule over system.total_updates: each update's lr (metrics.jsonl) follows lr_factor,
+    and a resumed run continues it from the restored step."""
+    from learner.trainer import lr_factor
+    cfg = make_cfg(tmp_path, "system.total_updates=6", "system.checkpoint_every=2", "grpo.lr_schedule=cosine",
+                   "grpo.lr_final_frac=0.2")
+    learner, (w,) = make_pair(cfg)
+    w.run_loop(DirectClient(learner), max_groups=5 * cfg.grpo.groups_per_update)
+    resumed, (w2,) = make_pair(cfg, resume=True)
+    assert resumed.trainer.step == 4
+    w2.run_loop(DirectClient(resumed))
+    lrs = {json.loads(ln)["step"]: json.loads(ln)["lr"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()}
+    assert sorted(lrs) == [1, 2, 3, 4, 5, 6]
+    for step, lr in lrs.items():       # "step" counts updates done: update u = step - 1
+        assert lr == pytest.approx(cfg.grpo.lr * lr_factor("cosine", step - 1, 6, 0.2))
+    assert lrs[1] == pytest.approx(cfg.grpo.lr) and lrs[6] < lrs[5] < lrs[1]
+    assert resumed.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lrs[6])
