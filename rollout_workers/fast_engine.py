@@ -37,6 +37,8 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from rollout_workers import decode_kernels
+
 log = logging.getLogger(__name__)
 
 
@@ -64,6 +66,7 @@ class Shape(NamedTuple):
     k_max: int
     scaling: float
     grouped: bool
+    triton_decode: bool = False    # decode through rollout_workers.decode_kernels (CUDA + Triton)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -160,6 +163,21 @@ def block_prefill(w: BlockWeights, s: Shape, x: torch.Tensor, cos: torch.Tensor,
     return x + y.view(1, T, -1)
 
 
+def moe_decode(w: BlockWeights, s: Shape, x: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """One token's routed expert output with the Triton decode kernels: x [1, D] -> [1, D]. Same maths
+    as :func:`moe` (softmax router, top_k without renormalisation, outputs summed in ascending expert
+    order); only the selected experts' weights are read, with no sort or grouping step."""
+    logits = F.linear(x, w.router)[0]                                       # [E]
+    idx, probs = decode_kernels.route(logits, top_k, s.k_max)               # [kmax] ascending, sentinel E
+    weights = probs.to(logits.dtype)
+    gate, up = decode_kernels.expert_gemv(w.gate_up, idx, x).chunk(2, dim=-1)   # [kmax, I] each
+    routed = decode_kernels.expert_gemv(w.down, idx, F.silu(gate) * up) * weights[:, None]   # [kmax, D]
+    acc = routed[0]
+    for j in range(1, s.k_max):            # ascending expert order; inactive slots are zeros
+        acc = acc + routed[j]
+    return acc[None]
+
+
 def block_decode(w: BlockWeights, s: Shape, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  top_k: torch.Tensor) -> torch.Tensor:
@@ -168,6 +186,12 @@ def block_decode(w: BlockWeights, s: Shape, x: torch.Tensor, pos: torch.Tensor, 
     q, k, v = qkv(w, s, rms_norm(x, w.ln1, s.eps), cos, sin)
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
+    if s.triton_decode:     # reads only positions <= pos
+        o = decode_kernels.decode_attention(q.reshape(s.n_heads, s.head_dim), k_cache[0], v_cache[0], pos,
+                                            s.scaling)
+        x = x + F.linear(o.reshape(1, 1, -1), w.wo)
+        y = moe_decode(w, s, rms_norm(x, w.ln2, s.eps).view(1, -1), top_k)
+        return x + y.view(1, 1, -1)
     o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask.view(1, 1, 1, -1), scale=s.scaling,
                                        enable_gqa=s.n_kv != s.n_heads)
     x = x + F.linear(o.transpose(1, 2).reshape(1, 1, -1), w.wo)
@@ -224,12 +248,16 @@ class FastEngine:
         use_graphs: capture decode steps and the vision tower as CUDA graphs (default: on CUDA).
         compile: fuse the layer functions with ``torch.compile`` (default: on CUDA).
         top_k_max: the largest top_k a request may ask for (default: the model's native top_k).
+        triton_decode: decode steps through the Triton kernels of ``decode_kernels`` (fused routing,
+            expert GEMVs over the selected experts only, attention up to the current position);
+            default: on CUDA when Triton is installed and the head size is a power of two.
     """
 
     name = "fast"
 
     def __init__(self, model, *, max_len: int = 2048, prefill_bucket: int = 128, use_graphs: Optional[bool] = None,
-                 compile: Optional[bool] = None, top_k_max: Optional[int] = None, pad_prefill: Optional[bool] = None):
+                 compile: Optional[bool] = None, top_k_max: Optional[int] = None, pad_prefill: Optional[bool] = None,
+                 triton_decode: Optional[bool] = None):
         self.model = model.eval()
         cfg = model.config
         self.cfg = cfg
@@ -255,6 +283,13 @@ class FastEngine:
         self.shape = Shape(cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads, float(cfg.layer_norm_eps),
                            None if cfg.clip_qkv is None else float(cfg.clip_qkv),
                            max(self.native_k, int(top_k_max or 0)), float(layers[0].self_attn.scaling), grouped)
+        hd = self.shape.head_dim
+        kernels_ok = decode_kernels.available(dev) and hd & (hd - 1) == 0
+        if triton_decode and not kernels_ok:
+            raise ValueError("triton_decode needs a CUDA device, Triton and a power-of-two head size "
+                             f"(device {dev}, head size {hd})")
+        self.shape = self.shape._replace(triton_decode=kernels_ok if triton_decode is None else bool(triton_decode))
+        self.triton_decode = self.shape.triton_decode
         rot = model.llm.model.rotary_emb
         self.inv_freq = rot.inv_freq.to(device=dev, dtype=torch.float32)
         self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))

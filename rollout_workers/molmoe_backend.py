@@ -86,7 +86,8 @@ class MolmoeBackend(RolloutBackend):
         if m.engine == "fast":
             from rollout_workers.fast_engine import FastEngine
             executor = FastEngine(bundle.model, max_len=m.fast_max_len,
-                                  prefill_bucket=m.fast_prefill_bucket, top_k_max=max(space.top_ks))
+                                  prefill_bucket=m.fast_prefill_bucket, top_k_max=max(space.top_ks),
+                                  triton_decode={"auto": None, "on": True, "off": False}[m.fast_triton_decode])
         else:
             executor = EagerEngine(bundle.model)
         engine = RequestEngine(bundle.model, bundle.preprocessor, space, importance, executor=executor)
