@@ -48,11 +48,11 @@ def cuda_ms(fn, reps: int = 20) -> float:
     return a.elapsed_time(b) / reps
 
 
-def set_triton_decode(eng: FastEngine, on: bool) -> None:
-    """Switch the engine's decode path; its decode graphs are captured again on next use."""
-    eng.shape = eng.shape._replace(triton_decode=on)
-    eng.triton_decode = on
-    for key in [k for k in eng._graphs if k[0] == "block"]:
+def set_triton(eng: FastEngine, on: bool) -> None:
+    """Switch the engine's Triton kernels on or off; its LLM graphs are captured again on next use."""
+    eng.shape = eng.shape._replace(triton=on)
+    eng.triton = on
+    for key in [k for k in eng._graphs if k[0] in ("block", "prefill")]:
         del eng._graphs[key]
 
 
@@ -77,15 +77,16 @@ def main() -> int:
         T = args.prompt
         out["decode_graph_ms"] = cuda_ms(lambda: eng.decode_step(5, T, blocks, {}), 50)
         out["decode_graph_ms_4_12"] = cuda_ms(lambda: eng.decode_step(5, T, blocks[:12], {b: 4 for b in blocks[1:12]}), 50)
-        out["triton_decode"] = eng.triton_decode
-        if eng.triton_decode:     # the generic path (grouped GEMM, SDPA over the whole cache) for comparison
-            set_triton_decode(eng, False)
+        out["triton"] = eng.triton
+        if eng.triton:     # the generic path (grouped GEMM, SDPA over the whole cache, compiled epilogues)
+            set_triton(eng, False)
+            out["prefill_ms_generic"] = cuda_ms(lambda: eng.prefill(x, blocks, {}), 5)
             out["decode_graph_ms_generic"] = cuda_ms(lambda: eng.decode_step(5, T, blocks, {}), 50)
             out["decode_graph_ms_4_12_generic"] = cuda_ms(
                 lambda: eng.decode_step(5, T, blocks[:12], {b: 4 for b in blocks[1:12]}), 50)
             for pos in (256, 640, 1215, 2000):
                 out[f"decode_graph_ms_generic_pos{pos}"] = cuda_ms(lambda: eng.decode_step(5, pos, blocks, {}), 20)
-            set_triton_decode(eng, True)
+            set_triton(eng, True)
             for pos in (256, 640, 1215, 2000):
                 out[f"decode_graph_ms_pos{pos}"] = cuda_ms(lambda: eng.decode_step(5, pos, blocks, {}), 20)
         eng.use_graphs = False
@@ -115,10 +116,10 @@ def main() -> int:
         flat = w[:8].reshape(-1, cfg.d_model)
         out["dense_gemv_same_bytes_us"] = cuda_ms(lambda: F.linear(rows[:1], flat), 50) * 1e3
         out["copy_same_bytes_us"] = cuda_ms(lambda: flat.clone(), 50) * 1e3
-        if eng.triton_decode:     # the decode kernel over the same 8 experts (one token, 8 slots)
-            from rollout_workers import decode_kernels
+        if eng.triton:     # the decode kernel over the same 8 experts (one token, 8 slots)
+            from rollout_workers import triton_kernels
             idx = torch.arange(8, device=dev, dtype=torch.int32)
-            out["triton_gemv_8experts_us"] = cuda_ms(lambda: decode_kernels.expert_gemv(w, idx, rows[:1]), 50) * 1e3
+            out["triton_gemv_8experts_us"] = cuda_ms(lambda: triton_kernels.expert_gemv(w, idx, rows[:1]), 50) * 1e3
             out["triton_gemv_8experts_TBps"] = flat.numel() * 2 / (out["triton_gemv_8experts_us"] * 1e-6) / 1e12
     for phase in ("decode_kernels", "prefill_kernels", "vision_kernels"):
         print(f"\n== {phase}")

@@ -223,7 +223,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=4, help="prompts of the fast-vs-eager token check")
     ap.add_argument("--ab-pairs", type=int, default=200)
     ap.add_argument("--max-len", type=int, default=2048)
-    ap.add_argument("--triton-decode", choices=["auto", "off"], default="auto",
+    ap.add_argument("--triton", choices=["auto", "off"], default="auto",
                     help="fast engine decode through the Triton kernels (auto) or the generic grouped-GEMM path")
     ap.add_argument("--ab-only", action="store_true",
                     help="warm-up, graph-capture check and the controller A/B only (no setting sweep, no eager)")
@@ -253,7 +253,7 @@ def main() -> int:
     # ---------------- fast engine
     model = random_full_size(device, torch.bfloat16, seed=0).eval()
     fast_exec = FastEngine(model, max_len=args.max_len, top_k_max=max(space.top_ks),
-                           triton_decode=None if args.triton_decode == "auto" else False)
+                           triton=None if args.triton == "auto" else False)
     fast = RequestEngine(model, pre, space, importance, executor=fast_exec)
     ctl = TwoStageController(space, cfg.d_model, token_rms=fast.token_rms())
     t0 = time.perf_counter()
@@ -283,7 +283,7 @@ def main() -> int:
           f"stage1 {ab['stage1_ms_median']:.3f} ms, stage2 {ab['stage2_ms_median']:.3f} ms; without preprocess: "
           f"{ab['overhead_excl_preprocess_ms_median']:.3f} ms (95% CI {ab['overhead_excl_preprocess_ms_median_ci95'][0]:.3f}.."
           f"{ab['overhead_excl_preprocess_ms_median_ci95'][1]:.3f})", flush=True)
-    warm["triton_decode"] = fast_exec.triton_decode
+    warm["triton"] = fast_exec.triton
     out.update({"fast_warmup": warm, "fast": fast_rows, "controller_ab_fast": ab})
 
     # ---------------- eager engine (same weights in a second copy) and token agreement

@@ -37,7 +37,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from rollout_workers import decode_kernels
+from rollout_workers import triton_kernels
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Shape(NamedTuple):
     k_max: int
     scaling: float
     grouped: bool
-    triton_decode: bool = False    # decode through rollout_workers.decode_kernels (CUDA + Triton)
+    triton: bool = False    # rollout_workers.triton_kernels for decode steps and the prefill epilogue
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -154,9 +154,15 @@ def block_prefill(w: BlockWeights, s: Shape, x: torch.Tensor, cos: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """x [1, T, D] at positions 0..T-1 -> [1, T, D]; writes keys/values [1, KV, :T, hd] of this block."""
     T = x.shape[1]
-    q, k, v = qkv(w, s, rms_norm(x, w.ln1, s.eps), cos, sin)
-    k_cache[:, :, :T] = k
-    v_cache[:, :, :T] = v
+    if s.triton:      # one epilogue pass: norms, RoPE, q head-major, k/v straight into the cache
+        proj = F.linear(rms_norm(x, w.ln1, s.eps), w.wqkv).view(T, -1)
+        q = triton_kernels.qkv_rope_cache(proj, w.q_norm, w.k_norm, cos.view(T, -1), sin.view(T, -1), k_cache,
+                                          v_cache, s.eps, s.clip_qkv or 0.0)[None]
+        k, v = k_cache[:, :, :T], v_cache[:, :, :T]
+    else:
+        q, k, v = qkv(w, s, rms_norm(x, w.ln1, s.eps), cos, sin)
+        k_cache[:, :, :T] = k
+        v_cache[:, :, :T] = v
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s.scaling, enable_gqa=s.n_kv != s.n_heads)
     x = x + F.linear(o.transpose(1, 2).reshape(1, T, -1), w.wo)
     y = moe(w, s, rms_norm(x, w.ln2, s.eps).view(T, -1), top_k)
@@ -168,10 +174,10 @@ def moe_decode(w: BlockWeights, s: Shape, x: torch.Tensor, top_k: torch.Tensor) 
     as :func:`moe` (softmax router, top_k without renormalisation, outputs summed in ascending expert
     order); only the selected experts' weights are read, with no sort or grouping step."""
     logits = F.linear(x, w.router)[0]                                       # [E]
-    idx, probs = decode_kernels.route(logits, top_k, s.k_max)               # [kmax] ascending, sentinel E
+    idx, probs = triton_kernels.route(logits, top_k, s.k_max)               # [kmax] ascending, sentinel E
     weights = probs.to(logits.dtype)
-    gate, up = decode_kernels.expert_gemv(w.gate_up, idx, x).chunk(2, dim=-1)   # [kmax, I] each
-    routed = decode_kernels.expert_gemv(w.down, idx, F.silu(gate) * up) * weights[:, None]   # [kmax, D]
+    gate, up = triton_kernels.expert_gemv(w.gate_up, idx, x).chunk(2, dim=-1)   # [kmax, I] each
+    routed = triton_kernels.expert_gemv(w.down, idx, F.silu(gate) * up) * weights[:, None]   # [kmax, D]
     acc = routed[0]
     for j in range(1, s.k_max):            # ascending expert order; inactive slots are zeros
         acc = acc + routed[j]
@@ -186,8 +192,8 @@ def block_decode(w: BlockWeights, s: Shape, x: torch.Tensor, pos: torch.Tensor, 
     q, k, v = qkv(w, s, rms_norm(x, w.ln1, s.eps), cos, sin)
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
-    if s.triton_decode:     # reads only positions <= pos
-        o = decode_kernels.decode_attention(q.reshape(s.n_heads, s.head_dim), k_cache[0], v_cache[0], pos,
+    if s.triton:     # reads only positions <= pos
+        o = triton_kernels.decode_attention(q.reshape(s.n_heads, s.head_dim), k_cache[0], v_cache[0], pos,
                                             s.scaling)
         x = x + F.linear(o.reshape(1, 1, -1), w.wo)
         y = moe_decode(w, s, rms_norm(x, w.ln2, s.eps).view(1, -1), top_k)
@@ -248,16 +254,17 @@ class FastEngine:
         use_graphs: capture decode steps and the vision tower as CUDA graphs (default: on CUDA).
         compile: fuse the layer functions with ``torch.compile`` (default: on CUDA).
         top_k_max: the largest top_k a request may ask for (default: the model's native top_k).
-        triton_decode: decode steps through the Triton kernels of ``decode_kernels`` (fused routing,
-            expert GEMVs over the selected experts only, attention up to the current position);
-            default: on CUDA when Triton is installed and the head size is a power of two.
+        triton: run the Triton kernels of ``triton_kernels``: decode steps with fused routing, expert
+            GEMVs over the selected experts only and attention up to the current position; the
+            prefill's q/k-norm + RoPE + cache-write epilogue. Default: on CUDA when Triton is installed
+            and head counts and size are powers of two.
     """
 
     name = "fast"
 
     def __init__(self, model, *, max_len: int = 2048, prefill_bucket: int = 128, use_graphs: Optional[bool] = None,
                  compile: Optional[bool] = None, top_k_max: Optional[int] = None, pad_prefill: Optional[bool] = None,
-                 triton_decode: Optional[bool] = None):
+                 triton: Optional[bool] = None):
         self.model = model.eval()
         cfg = model.config
         self.cfg = cfg
@@ -283,13 +290,14 @@ class FastEngine:
         self.shape = Shape(cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads, float(cfg.layer_norm_eps),
                            None if cfg.clip_qkv is None else float(cfg.clip_qkv),
                            max(self.native_k, int(top_k_max or 0)), float(layers[0].self_attn.scaling), grouped)
-        hd = self.shape.head_dim
-        kernels_ok = decode_kernels.available(dev) and hd & (hd - 1) == 0
-        if triton_decode and not kernels_ok:
-            raise ValueError("triton_decode needs a CUDA device, Triton and a power-of-two head size "
-                             f"(device {dev}, head size {hd})")
-        self.shape = self.shape._replace(triton_decode=kernels_ok if triton_decode is None else bool(triton_decode))
-        self.triton_decode = self.shape.triton_decode
+        kernels_ok = (triton_kernels.available(dev)
+                      and triton_kernels.shapes_supported(cfg.n_heads, cfg.n_kv_heads, self.shape.head_dim))
+        if triton and not kernels_ok:
+            raise ValueError("the Triton kernels need a CUDA device, Triton, and power-of-two head counts and "
+                             f"head size (device {dev}, heads {cfg.n_heads}/{cfg.n_kv_heads}, head size "
+                             f"{self.shape.head_dim})")
+        self.shape = self.shape._replace(triton=kernels_ok if triton is None else bool(triton))
+        self.triton = self.shape.triton
         rot = model.llm.model.rotary_emb
         self.inv_freq = rot.inv_freq.to(device=dev, dtype=torch.float32)
         self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))

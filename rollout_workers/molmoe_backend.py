@@ -87,7 +87,7 @@ class MolmoeBackend(RolloutBackend):
             from rollout_workers.fast_engine import FastEngine
             executor = FastEngine(bundle.model, max_len=m.fast_max_len,
                                   prefill_bucket=m.fast_prefill_bucket, top_k_max=max(space.top_ks),
-                                  triton_decode={"auto": None, "on": True, "off": False}[m.fast_triton_decode])
+                                  triton={"auto": None, "on": True, "off": False}[m.fast_triton])
         else:
             executor = EagerEngine(bundle.model)
         engine = RequestEngine(bundle.model, bundle.preprocessor, space, importance, executor=executor)

@@ -69,9 +69,10 @@ class ModelConfig:
     engine: str = _f("eager", doc="execution engine (budgets are engine-specific)", choices=["eager", "fast"])
     fast_max_len: int = _f(2048, doc="fast engine: positions of the static KV cache (prompt + budget token + "
                                      "answer)", lo=8, hi=1 << 20)
-    fast_triton_decode: str = _f("auto", doc="fast engine: decode steps through the Triton kernels (fused routing, "
-                                             "GEMVs over the selected experts, attention up to the current position); "
-                                             "'auto' = when CUDA and Triton are there", choices=["auto", "on", "off"])
+    fast_triton: str = _f("auto", doc="fast engine: Triton kernels for decode steps (fused routing, "
+                                             "GEMVs over the selected experts, attention up to the current position) and the "
+                                             "prefill's norm/RoPE/cache epilogue; 'auto' = when CUDA and Triton are there",
+                          choices=["auto", "on", "off"])
     fast_prefill_bucket: int = _f(128, doc="fast engine: prompts are padded to a multiple of this many positions "
                                             "(one prefill graph per block and length bucket)", lo=1, hi=1 << 20)
     dtype: str = _f("float32", doc="model dtype", choices=["float32", "bfloat16", "float16"])

@@ -1,4 +1,4 @@
-"""The Triton decode kernels (rollout_workers/decode_kernels.py) against plain torch references.
+"""The Triton decode kernels (rollout_workers/triton_kernels.py) against plain torch references.
 
 On a CUDA GPU: each kernel at the full-size MolmoE shapes in bf16 and float32, and the fast engine's
 decode steps with the kernels against the generic path (grouped GEMM + SDPA over the cache) for random
@@ -33,10 +33,30 @@ def reference_route(logits: torch.Tensor, top_k: int, k_max: int):
     return idx, w
 
 
+def rope_tables(T: int, hd: int, device: str, dtype: torch.dtype):
+    """cos, sin [T, hd] as the fast engine builds them (default RoPE, theta 10000)."""
+    from rollout_workers.fast_engine import rope_cos_sin
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
+    cos, sin = rope_cos_sin(torch.arange(T, device=device), inv_freq, 1.0, dtype)
+    return cos[0, 0], sin[0, 0]
+
+
+def rope_cache_reference(proj, q_norm, k_norm, cos, sin, H: int, KV: int, clip: float, eps: float = 1e-5):
+    """fast_engine.qkv's maths after the projection: proj [T, (H + 2 KV) hd] -> q [H, T, hd], k, v [KV, T, hd]."""
+    from rollout_workers.fast_engine import rms_norm, rotate_half
+    T, hd = proj.shape[0], cos.shape[-1]
+    q, k, v = proj.split([H * hd, KV * hd, KV * hd], dim=-1)
+    q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    if clip:
+        q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+    q, k, v = (t.reshape(T, -1, hd).transpose(0, 1) for t in (q, k, v))
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+
 def check_kernels(device: str, dtype: torch.dtype, E: int, k_max: int, D: int, I: int, H: int, KV: int, L: int,
                   hd: int, tol: float) -> dict:
     """Runs every kernel against its reference; returns the worst differences (asserts inside)."""
-    from rollout_workers import decode_kernels as dk
+    from rollout_workers import triton_kernels as dk
     g = torch.Generator(device="cpu").manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)   # noqa: E731
     worst = {}
@@ -58,6 +78,20 @@ def check_kernels(device: str, dtype: torch.dtype, E: int, k_max: int, D: int, I
         torch.testing.assert_close(gu.float(), ref_gu, atol=tol, rtol=tol)
         torch.testing.assert_close(down.float(), ref_d, atol=tol, rtol=tol)
         assert not gu[top_k:].any() and not down[top_k:].any()     # sentinel slots are zeros
+    # prefill epilogue against fast_engine.qkv (norms over all heads, RoPE) and its cache writes
+    T = min(L - 1, 37)
+    proj = rnd(T, (H + 2 * KV) * hd)
+    qn, kn = 1 + 0.1 * rnd(H * hd), 1 + 0.1 * rnd(KV * hd)
+    for clip in (0.0, 0.5):
+        kc, vc = rnd(1, KV, L, hd), rnd(1, KV, L, hd)
+        untouched = kc[:, :, T:].clone()
+        cos, sin = rope_tables(T, hd, device, dtype)
+        q_ref, k_ref, v_ref = rope_cache_reference(proj, qn, kn, cos, sin, H, KV, clip)
+        q = dk.qkv_rope_cache(proj, qn, kn, cos, sin, kc, vc, 1e-5, clip)
+        for got, want in ((q, q_ref), (kc[0, :, :T], k_ref), (vc[0, :, :T], v_ref)):
+            worst["qkv_rope_cache"] = max(worst.get("qkv_rope_cache", 0.0), float((got.float() - want.float()).abs().max()))
+            torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+        assert torch.equal(kc[:, :, T:], untouched)
     q, kc, vc = rnd(H, hd), rnd(KV, L, hd), rnd(KV, L, hd)
     for pos in sorted({0, 1, 63, 64, L // 2, L - 1}):
         o = dk.decode_attention(q, kc, vc, torch.tensor([pos], device=device), hd ** -0.5)
@@ -74,7 +108,7 @@ def test_kernels_in_the_triton_interpreter():
     code = textwrap.dedent("""
         import sys, torch
         sys.path.insert(0, %r)
-        from tests.test_decode_kernels import check_kernels
+        from tests.test_triton_kernels import check_kernels
         print(check_kernels("cpu", torch.float32, E=12, k_max=4, D=48, I=24, H=4, KV=2, L=150, hd=16, tol=1e-4))
     """ % str(ROOT))
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -106,9 +140,9 @@ def test_fast_engine_decode_with_kernels_equals_generic_path(tmp_path):
     from rollout_workers.molmoe.make_tiny_checkpoint import make_tiny_checkpoint
     folder = make_tiny_checkpoint(tmp_path / "tiny", seed=3)
     dev = torch.device("cuda")
-    engines = {flag: FastEngine(load_molmoe(folder, dev).model, max_len=256, triton_decode=flag)
+    engines = {flag: FastEngine(load_molmoe(folder, dev).model, max_len=256, triton=flag)
                for flag in (False, True)}
-    assert engines[True].triton_decode and not engines[False].triton_decode
+    assert engines[True].triton and not engines[False].triton
     for e in engines.values():
         e.warmup(None, crop_counts=[])
     cfg = engines[True].cfg
