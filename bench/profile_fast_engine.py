@@ -67,7 +67,7 @@ def main() -> int:
     model = random_full_size(dev, torch.bfloat16, seed=0).eval()
     eng = FastEngine(model, max_len=2048, top_k_max=8)
     t0 = time.perf_counter()
-    rep = eng.warmup(None, crop_counts=[13])
+    rep = eng.warmup(None, crop_counts=[13], block_lists=[list(range(16)), list(range(12))])
     out: dict = {"card": torch.cuda.get_device_name(0), "warmup": rep, "warmup_s": time.perf_counter() - t0}
     print(out, flush=True)
     blocks = list(range(16))

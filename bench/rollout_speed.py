@@ -257,7 +257,7 @@ def main() -> int:
     fast = RequestEngine(model, pre, space, importance, executor=fast_exec)
     ctl = TwoStageController(space, cfg.d_model, token_rms=fast.token_rms())
     t0 = time.perf_counter()
-    warm = fast_exec.warmup(space)
+    warm = fast_exec.warmup(space, importance=importance)
     for t_name, crops in zip(space.tier_names, space.tier_max_crops):       # first requests per tier
         fast.serve(image, QUESTION, 1000.0, ctl, max_new_tokens=4)
     warm["seconds_with_first_requests"] = time.perf_counter() - t0

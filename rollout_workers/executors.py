@@ -37,7 +37,7 @@ class EagerEngine:
     def device(self) -> torch.device:
         return self.model.device
 
-    def warmup(self, space=None) -> dict:
+    def warmup(self, space=None, crop_counts=None, importance=None, block_lists=None) -> dict:
         """Nothing to capture; kernels warm up on the first requests."""
         return {"graphs": 0, "seconds": 0.0}
 

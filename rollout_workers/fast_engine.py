@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from rollout_workers import triton_kernels
+from shared.knobs import select_blocks
 
 log = logging.getLogger(__name__)
 
@@ -414,6 +415,10 @@ class FastEngine:
                 self._block_step(b)
             self._head_step()
             return self._logits
+        whole = self._graphs.get(("step", tuple(int(b) for b in block_ids)))
+        if whole is not None:          # one replay for the whole step (block lists captured at warm-up)
+            whole.replay()
+            return self._logits
         self._graph(("embed",), self._embed_step).replay()
         for b in block_ids:
             self._graph(("block", int(b)), lambda b=b: self._block_step(b)).replay()
@@ -422,10 +427,15 @@ class FastEngine:
 
     # ------------------------------------------------------------------ warm-up / graphs
     @torch.no_grad()
-    def warmup(self, space=None, crop_counts: Optional[Sequence[int]] = None) -> dict:
+    def warmup(self, space=None, crop_counts: Optional[Sequence[int]] = None, importance=None,
+               block_lists: Optional[Sequence[Sequence[int]]] = None) -> dict:
         """Compile the layer functions and capture every graph a request can use: the embedding, each
         block and the head for decode, and the vision tower for every crop count the knob space allows.
-        Returns {"graphs", "seconds", "compiled"} (and "compile_error" when compilation fell back)."""
+        With ``importance`` (an ImportanceScores or a sequence of scores) and ``space``, or explicit
+        ``block_lists``, one graph per executed-block list runs a whole decode step in one replay
+        (the per-block graphs stay for any other list).
+        Returns {"graphs", "step_graphs", "seconds", "compiled"} (and "compile_error" when compilation
+        fell back)."""
         t0 = time.perf_counter()
         if space is not None and max(space.top_ks) > self.shape.k_max:
             raise ValueError(f"top_k options up to {max(space.top_ks)} but the engine was built for at most "
@@ -461,6 +471,14 @@ class FastEngine:
                 crop_counts = range(1, max(space.tier_max_crops) + 2)     # global view + up to max_crops crops
             for n in crop_counts or ():
                 self._vision_graph(int(n))
+            lists = {tuple(int(b) for b in bl) for bl in (block_lists or ())}
+            if space is not None and importance is not None:
+                scores = getattr(importance, "scores", importance)
+                lists |= {tuple(select_blocks(p, nb, scores)) for p in space.positions for nb in space.num_blocks
+                          if p < nb}
+            for bl in sorted(lists):
+                self._graph(("step", bl), lambda bl=bl: self._whole_step(bl))
+            report["step_graphs"] = len(lists)
             torch.cuda.synchronize()
         self._warm = True
         report.update(graphs=len(self._graphs) + len(self._vision), seconds=time.perf_counter() - t0)
@@ -507,6 +525,12 @@ class FastEngine:
         self._cos.copy_(cos)
         self._sin.copy_(sin)
         torch.le(self._arange, self._pos, out=self._mask)
+
+    def _whole_step(self, block_ids: Sequence[int]) -> None:
+        self._embed_step()
+        for b in block_ids:
+            self._block_step(b)
+        self._head_step()
 
     def _block_step(self, b: int) -> None:
         out = self._decode_fn(self.weights[b], self.shape, self._x, self._pos, self._cos, self._sin, self._mask,

@@ -99,7 +99,7 @@ class MolmoeBackend(RolloutBackend):
     def warmup(self, num_rollouts: int, controller: TwoStageController) -> None:
         """Capture the engine's graphs for every knob setting (fast engine), then unmeasured requests over
         every tier (allocator, kernels, caches)."""
-        self.warmup_report = self.engine.executor.warmup(self.space)
+        self.warmup_report = self.engine.executor.warmup(self.space, importance=self.engine.importance)
         rng = np.random.default_rng(0)
         from PIL import Image
         buf = io.BytesIO()

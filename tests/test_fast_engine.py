@@ -21,7 +21,7 @@ from rollout_workers.molmoe.make_tiny_checkpoint import make_tiny_checkpoint
 from rollout_workers.request_path import RequestEngine
 from shared.backend import SampleError
 from shared.controller import TwoStageController
-from shared.knobs import ImportanceScores, KnobChoice, KnobSpace
+from shared.knobs import ImportanceScores, KnobChoice, KnobSpace, select_blocks
 
 QUESTION = "what colour is the small circle"
 
@@ -151,9 +151,13 @@ def test_prompt_longer_than_the_cache_is_a_clear_error(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_engine_with_cuda_graphs_equals_eager(tmp_path):
     eager, fast, fast_exec, space, ctl = _setup("cuda", tmp_path, max_len=512)
-    info = fast_exec.warmup(space)
+    info = fast_exec.warmup(space, importance=fast.importance)
     L, buckets = space.num_layers, 512 // fast_exec.prefill_bucket
-    assert info["graphs"] == 2 + L + L * buckets + max(space.tier_max_crops) + 1   # decode, prefill, vision
+    steps = len({tuple(select_blocks(p, nb, fast.importance.scores)) for p in space.positions
+                 for nb in space.num_blocks if p < nb})
+    assert info["step_graphs"] == steps > 1
+    # decode pieces, whole decode steps per block list, prefill per block and bucket, vision per crop count
+    assert info["graphs"] == 2 + L + steps + L * buckets + max(space.tier_max_crops) + 1
     worst = _compare(eager, fast, ctl, _choices(space, 4, seed=3), atol=2e-3)
     assert fast_exec.captures_after_warmup == 0
     print(f"max |logit diff| fast (graphs) vs eager on CUDA, float32 tiny: {worst:.2e}")

@@ -312,6 +312,19 @@ def test_encode_images_and_embed_segments(bundle, ref):
     assert torch.allclose(logits, model(inp.input_ids, inp.images, inp.image_masks, inp.image_input_idx))
 
 
+def test_patch_embeddings_equal_clips_convolution(bundle):
+    """One GEMM over the patch rows == transformers' stride-p convolution over the rebuilt crop (+ CLS and
+    positions), so the model never rebuilds the pixel grid."""
+    model, cfg = bundle.model, bundle.config
+    side, p = cfg.crop_patches, cfg.patch_size_px
+    patches = torch.randn(3, cfg.patches_per_crop, cfg.patch_dim, generator=torch.Generator().manual_seed(0))
+    pixels = patches.view(3, side, side, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(3, 3, side * p, side * p)
+    with torch.no_grad():
+        want = model.vision.embeddings(pixels)
+        got = model.patch_embeddings(patches)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_new_embedding_rows_are_used(bundle):
     model, cfg = bundle.model, bundle.config
     ids = torch.tensor(

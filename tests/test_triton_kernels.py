@@ -132,7 +132,8 @@ def test_kernels_at_full_size_shapes_on_cuda(dtype, tol):
 @gpu_only
 def test_fast_engine_decode_with_kernels_equals_generic_path(tmp_path):
     """Tiny float32 model on CUDA: every decode step's logits with the Triton kernels equal the generic
-    path's (graphs and compilation on both) for random knobs, top_k and block subsets."""
+    path's (graphs and compilation on both; whole-step graphs for some block lists, per-block graphs for
+    the rest) for random knobs, top_k and block subsets."""
     import numpy as np
 
     from rollout_workers.fast_engine import FastEngine
@@ -143,15 +144,17 @@ def test_fast_engine_decode_with_kernels_equals_generic_path(tmp_path):
     engines = {flag: FastEngine(load_molmoe(folder, dev).model, max_len=256, triton=flag)
                for flag in (False, True)}
     assert engines[True].triton and not engines[False].triton
-    for e in engines.values():
-        e.warmup(None, crop_counts=[])
     cfg = engines[True].cfg
     rng = np.random.default_rng(0)
-    worst = 0.0
-    for trial in range(6):
-        T = int(rng.integers(5, 150))
+    trials = []
+    for _ in range(6):
         blocks = sorted(rng.choice(cfg.n_layers, size=int(rng.integers(2, cfg.n_layers + 1)), replace=False).tolist())
-        top_k = {b: int(rng.integers(1, cfg.top_k + 1)) for b in blocks}
+        trials.append((int(rng.integers(5, 150)), blocks, {b: int(rng.integers(1, cfg.top_k + 1)) for b in blocks}))
+    engines[False].warmup(None, crop_counts=[])       # per-block decode graphs
+    info = engines[True].warmup(None, crop_counts=[], block_lists=[b for _, b, _ in trials[:4]])   # whole steps
+    assert info["step_graphs"] == len({tuple(b) for _, b, _ in trials[:4]})
+    worst = 0.0
+    for trial, (T, blocks, top_k) in enumerate(trials):
         x = torch.randn(1, T, cfg.d_model, device=dev, generator=torch.Generator(device=dev).manual_seed(trial))
         logits = {}
         for flag, e in engines.items():

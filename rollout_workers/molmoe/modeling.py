@@ -22,6 +22,7 @@ import inspect
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, OlmoeConfig, OlmoeForCausalLM
 from transformers.cache_utils import Cache
@@ -130,6 +131,17 @@ class MolmoeModel(nn.Module):
         return self
 
     # ------------------------------------------------------------------ vision
+    def patch_embeddings(self, patches: torch.Tensor) -> torch.Tensor:
+        """CLIP's embeddings computed on patches: [n, n_patches, patch_dim] ((dh, dw, c) per patch) ->
+        [n, 1 + n_patches, width] = [CLS, patches] + position embeddings. The stride-p convolution over
+        the un-patchified crop is the same product as one GEMM over the patch rows, without rebuilding
+        the pixel grid (a copy and a layout change on GPUs)."""
+        emb = self.vision.embeddings
+        w = emb.patch_embedding.weight                                       # [width, 3, p, p]
+        x = F.linear(patches, w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), emb.patch_embedding.bias)
+        cls = emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + emb.position_embedding.weight[: x.shape[1] + 1]
+
     def encode_images(self, images: torch.Tensor, image_masks: torch.Tensor | None) -> torch.Tensor:
         """ViT + connector.
 
@@ -151,10 +163,7 @@ class MolmoeModel(nn.Module):
         x = images.to(device=self.device, dtype=self.vision_dtype)
         n = x.shape[0]
         valid_crop = torch.all(x != -1, dim=2, keepdim=True).all(dim=1, keepdim=True)  # [n, 1, 1]
-        side, p = cfg.crop_patches, cfg.patch_size_px
-        # un-patchify: [n, (h w), (dh dw c)] -> [n, c, (h dh), (w dw)]
-        pixels = x.view(n, side, side, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(n, 3, side * p, side * p)
-        hidden = self.vision.pre_layrnorm(self.vision.embeddings(pixels))
+        hidden = self.vision.pre_layrnorm(self.patch_embeddings(x))
         wanted = cfg.vit_block_indices
         outputs: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.vision.encoder.layers[: max(wanted) + 1]):
