@@ -52,7 +52,7 @@ def set_triton(eng: FastEngine, on: bool) -> None:
     """Switch the engine's Triton kernels on or off; its LLM graphs are captured again on next use."""
     eng.shape = eng.shape._replace(triton=on)
     eng.triton = on
-    for key in [k for k in eng._graphs if k[0] in ("block", "prefill")]:
+    for key in [k for k in eng._graphs if k[0] in ("block", "prefill", "step")]:
         del eng._graphs[key]
 
 
