@@ -357,7 +357,8 @@ class FastEngine:
         if self.use_graphs or self.pad_prefill:   # padded to the length bucket, after every real position
             Tb = self._prefill_bucket(T)
             buf = self._prefill_buffers(Tb)[0]
-            buf[:, :T].copy_(x)
+            if x.data_ptr() != buf.data_ptr():      # the rest of a split prefill continues in place
+                buf[:, :T].copy_(x)
             buf[:, T:].zero_()
             for b in block_ids:
                 if self.use_graphs:

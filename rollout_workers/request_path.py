@@ -155,6 +155,12 @@ class RequestEngine:
             d_tier, d_p = controller.act_stage1(f1, greedy=greedy, generator=generator)
         p = space.positions[d_p.index]
         max_crops = space.tier_max_crops[d_tier.index]
+        budget_tok = None
+        if controller is not None:
+            # to the device now, while it is idle: a host-to-device copy is blocking (it synchronises the
+            # stream), so made after the vision encoder is queued it would wait for the encoder and then
+            # leave the GPU idle while the prefix is queued
+            budget_tok = controller.budget_token_embedding(budget_ms).to(device=self.device, dtype=model.dtype)
         timer.mark("stage1_ms")
 
         # -- preprocess (part 2): crops at the chosen tier ----------------------------------------
@@ -175,12 +181,11 @@ class RequestEngine:
         ex.begin()
         if controller is not None:
             # -- prefix: blocks 0..p-1 at native top_k, budget token appended as the last position
-            tok = controller.budget_token_embedding(budget_ms).to(device=self.device, dtype=x.dtype)
-            x = torch.cat([x, tok[None, None, :]], dim=1)
+            x = torch.cat([x, budget_tok.to(x.dtype)[None, None, :]], dim=1)
             h = ex.prefill(x, list(range(p)), {})
             timer.mark("prefix_ms")
             # -- Stage2 (host sync: the decision needs the latency token and the elapsed time)
-            latency_state = h[0, -1].float().cpu().numpy()
+            latency_state = h[0, -1].cpu().float().numpy()      # one small copy, converted on the host
             spent_frac = timer.elapsed_ms() / budget_ms
             f2 = Stage2Features(latency_state=latency_state, p_idx=d_p.index, vision_tokens=tier_tokens[d_tier.index],
                                 spent_frac=float(spent_frac), nb_mask=space.num_blocks_feasible(p))
