@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out-json", default=str(ROOT / "docs" / "tiny_knob_table.json"))
     ap.add_argument("--out-md", default=str(ROOT / "docs" / "tiny_knob_table.md"))
     ap.add_argument("--limit", type=int, default=0, help="only the first N combinations (smoke tests)")
+    ap.add_argument("--top-k", default="", help="comma list: only combinations with these top_k (quick screening)")
     ap.add_argument("--reanalyse", action="store_true", help="recompute the analysis and markdown from --out-json")
     args = ap.parse_args(argv)
     if args.reanalyse:
@@ -173,6 +174,9 @@ def main(argv=None) -> int:
     folder = Path(args.model)
     space = knob_space(folder)
     combos = [c.__dict__ for c in space.static_choices(1)]
+    if args.top_k:
+        keep = {int(k) for k in args.top_k.split(",")}
+        combos = [c for c in combos if c["top_k"] in keep]
     if args.limit:
         combos = combos[: args.limit]
     full = space.full_compute().__dict__

@@ -128,13 +128,14 @@ class SceneBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         for step in range(self.start + wid, self.steps, nw):
-            imgs, qs, ans = [], [], []
+            imgs, qs, ans, fams = [], [], [], []
             for i in range(step * self.batch, (step + 1) * self.batch):
-                img, q, a, _ = shapes.render_item(i, "train", self.seed, family=self.family(i))
+                img, q, a, fam = shapes.render_item(i, "train", self.seed, family=self.family(i))
                 imgs.append(img)
                 qs.append(q)
                 ans.append(a[0])
-            yield step, torch.from_numpy(np.stack(imgs)), qs, ans
+                fams.append(fam)
+            yield step, torch.from_numpy(np.stack(imgs)), qs, ans, fams
 
 
 class Layouts:
@@ -259,13 +260,19 @@ def forward_batch(model: MolmoeModel, lay: Layouts, ids, crops, mc, block_ids, t
     return model.llm.lm_head(llm.norm(x))
 
 
-def draw_knobs(rng: random.Random, L: int, native: int, full_frac: float, tiers=None):
+def draw_knobs(rng: random.Random, L: int, native: int, full_frac: float, tiers=None, block_weights=None):
+    """block_weights: {num_blocks: weight} for the num_blocks draw (None: uniform over the feasible
+    options, the third build's draw)."""
     tiers = tiers or KNOBS["tier_max_crops"]
     if rng.random() < full_frac:
         return tiers[-1], list(range(L)), {}
     mc = rng.choice(tiers)
     p = rng.choice(KNOBS["insertion_positions"])
-    nb = rng.choice([b for b in KNOBS["num_blocks_options"] if p < b <= L])
+    feasible = [b for b in KNOBS["num_blocks_options"] if p < b <= L]
+    if block_weights:
+        nb = rng.choices(feasible, weights=[block_weights.get(b, 1.0) for b in feasible])[0]
+    else:
+        nb = rng.choice(feasible)
     k = rng.choice(KNOBS["top_k_options"])
     rest = list(range(p, L))
     chosen = rest[: nb - p] if rng.random() < 0.5 else sorted(rng.sample(rest, nb - p))
@@ -343,6 +350,14 @@ def main(argv=None) -> int:
                          "families (shapes.AUX_FAMILIES)")
     ap.add_argument("--families", default="", help="comma list: train only these families (experiments)")
     ap.add_argument("--tiers", default="", help="comma list of max_crops to train with (experiments)")
+    ap.add_argument("--block-weights", default="",
+                    help="comma list of weights for num_blocks_options in the training draw "
+                         f"({KNOBS['num_blocks_options']}; empty = uniform), e.g. 1,1,1,2,4 to favour depth")
+    ap.add_argument("--depth-families", default="",
+                    help="comma list of families whose loss is weighted by --depth-weights (a depth curriculum)")
+    ap.add_argument("--depth-weights", default="",
+                    help="comma list of loss weights for the --depth-families samples of a batch that runs "
+                         f"{KNOBS['num_blocks_options']} blocks, e.g. 0.1,0.2,0.35,1,1")
     ap.add_argument("--final-eval", default="grid", choices=["grid", "short"])
     args = ap.parse_args(argv)
 
@@ -390,6 +405,15 @@ def main(argv=None) -> int:
     max_steps = args.steps or 10**7
     fams = tuple(f for f in args.families.split(",") if f)
     tiers = [int(t) for t in args.tiers.split(",") if t] or None
+    bw = [float(w) for w in args.block_weights.split(",") if w]
+    if bw and len(bw) != len(KNOBS["num_blocks_options"]):
+        raise SystemExit(f"--block-weights needs {len(KNOBS['num_blocks_options'])} weights")
+    block_weights = dict(zip(KNOBS["num_blocks_options"], bw)) or None
+    depth_fams = {f for f in args.depth_families.split(",") if f}
+    dw = [float(w) for w in args.depth_weights.split(",") if w]
+    if depth_fams and len(dw) != len(KNOBS["num_blocks_options"]):
+        raise SystemExit(f"--depth-weights needs {len(KNOBS['num_blocks_options'])} weights")
+    depth_weights = dict(zip(KNOBS["num_blocks_options"], dw))
     if fams:
         val_items = [it for it in val_items if it[3] in fams] or val_items
     loader = torch.utils.data.DataLoader(SceneBatches(args.batch, max_steps, args.seed, aux_frac=args.aux_frac,
@@ -405,7 +429,7 @@ def main(argv=None) -> int:
     step = 0
     ema = None
     stopped_early = False
-    for step_idx, imgs, qs, ans in loader:
+    for step_idx, imgs, qs, ans, batch_fams in loader:
         elapsed = time.time() - t_train
         if args.steps and elapsed > budget_s:
             # --steps fixes the schedule; --minutes is then a guard (the GPU call has a hard limit)
@@ -428,12 +452,21 @@ def main(argv=None) -> int:
             lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / horizon)))
         for g in opt.param_groups:
             g["lr"] = lr
-        mc, blocks, kmap = draw_knobs(rng, L, cfg.top_k, args.full_frac, tiers)
+        mc, blocks, kmap = draw_knobs(rng, L, cfg.top_k, args.full_frac, tiers, block_weights)
         ids, tg, crops = make_batch(lay, tok, cache, imgs, qs, ans, mc)
         probe.on = True
         with amp():
             logits = forward_batch(model, lay, ids, crops, mc, blocks, kmap)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tg.reshape(-1), ignore_index=-100)
+            if depth_fams:
+                # depth curriculum: the --depth-families samples count with the weight of this batch's depth
+                ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tg.reshape(-1),
+                                     ignore_index=-100, reduction="none").view(tg.shape)
+                w = torch.tensor([depth_weights[len(blocks)] if f in depth_fams else 1.0 for f in batch_fams],
+                                 device=ce.device)[:, None]
+                mask = (tg != -100).float()
+                loss = (ce * mask * w).sum() / mask.sum().clamp(min=1.0)
+            else:
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tg.reshape(-1), ignore_index=-100)
         aux = probe.loss()
         probe.on = False
         opt.zero_grad(set_to_none=True)
@@ -464,7 +497,7 @@ def main(argv=None) -> int:
                          "mc9_nb2": (9, [0, 1], {}), "mc1_nb2": (1, [0, 1], {})})
     for mc in (KNOBS["tier_max_crops"] if args.final_eval == "grid" else []):
         for k in KNOBS["top_k_options"]:
-            for nb in (2, 4, 8):
+            for nb in (2, 3, 4, 6, 8):
                 settings[f"mc{mc}_k{k}_nb{nb}"] = (mc, list(range(nb)), {b: k for b in range(1, nb)})
     final = evaluate(model, lay, tok, cache, val_items, settings, amp)
     for name, r in final.items():

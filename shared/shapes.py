@@ -33,6 +33,17 @@ pastel or checkered, so from the global view only their colours, kinds and numbe
 DEPTH_FAMILIES (more_color, right_color) are answered from the global view but combine two pieces of
 evidence; they are meant to need more LLM blocks than the single-lookup families.
 
+GRID_FAMILIES and ORDER_FAMILIES (relation chains, not in FAMILIES; tried for a fourth build and not
+learned by the tiny model, see docs/RESULTS.md) place large shapes in the cells of a 4 x 4 grid of 56-px
+cells, one global-view token per cell:
+
+| family       | question                                                              | answer |
+|--------------|-----------------------------------------------------------------------|--------|
+| grid_hopN    | What color is the shape {r_N} ... the shape {r_1} the {c} shape?      | colour |
+|              | (r: left of / right of / above / below; 6 shapes, N = 1..3 hops)       |        |
+| order_hopN   | What color is the next shape {right of / left of} (N times) the {c}   | colour |
+|              | shape? (one shape per column, 4 shapes, N = 1..2)                     |        |
+
 Training-only auxiliary families (AUX_FAMILIES, never evaluated) and the families of the first two
 builds (LEGACY_FAMILIES: large_exists, small_color, small_count, small_corner) can be generated with
 `family=`. Answers are short strings scored with metric "exact" (shared/scorers.py).
@@ -66,6 +77,10 @@ CORNERS = ("top left", "top right", "bottom left", "bottom right")
 FAMILIES = ("large_color", "large_count_color", "checker_color", "checker_count", "more_color", "right_color")
 DETAIL_FAMILIES = ("checker_color", "checker_count")      # need max_crops 9 (full-scale crops)
 DEPTH_FAMILIES = ("more_color", "right_color")            # global view, two pieces of evidence
+# Relation-chain families tried for a fourth build (not in FAMILIES: the tiny model did not learn them
+# in ~3,000 GPU steps, docs/RESULTS.md "Per-family gain: what was tried"); generate them with family=.
+GRID_FAMILIES = ("grid_hop1", "grid_hop2", "grid_hop3")   # 1-3 relations on a 4 x 4 grid
+ORDER_FAMILIES = ("order_hop1", "order_hop2")             # 1-2 "next shape left/right" hops, one shape per column
 LEGACY_FAMILIES = ("large_exists", "small_color", "small_count", "small_corner")  # builds 1 and 2
 SPLITS = {"train": 0, "validation": 1, "test": 2, "calibration": 3}
 DEFAULT_SIZES = {"train": 20000, "validation": 600, "test": 600, "calibration": 300}
@@ -362,6 +377,104 @@ def _q_right_color(rng):
             [shapes[i + 1].color])
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Grid relation chains (fourth build): depth families answered from the global view
+# ----------------------------------------------------------------------------------------------
+GRID_CELLS = 4                      # a 4 x 4 grid of 56-px cells: one global-view token per cell
+GRID_CELL_PX = IMAGE_SIZE // GRID_CELLS
+GRID_PX = (34, 44)                  # shape size inside a cell
+GRID_SHAPES = 6                     # shapes per scene, one per colour
+RELATIONS = {"right of": (0, 1), "left of": (0, -1), "above": (-1, 0), "below": (1, 0)}
+_INVERSE = {"right of": "left of", "left of": "right of", "above": "below", "below": "above"}
+
+
+def grid_cell(s: Shape) -> tuple[int, int]:
+    """(row, col) of a shape's grid cell."""
+    return int(s.y // GRID_CELL_PX), int(s.x // GRID_CELL_PX)
+
+
+def _grid_chain(rng, hops: int):
+    """A scene of GRID_SHAPES shapes of distinct colours in distinct cells of the 4 x 4 grid, holding a
+    chain start -> r1 -> ... -> r_hops of adjacent occupied cells that never revisits a cell. Returns
+    (shapes, relations, start shape, end shape)."""
+    for _ in range(200):
+        r, c = int(rng.integers(0, GRID_CELLS)), int(rng.integers(0, GRID_CELLS))
+        cells, rels = [(r, c)], []
+        ok = True
+        for _h in range(hops):
+            opts = [k for k, (dr, dc) in RELATIONS.items()
+                    if 0 <= cells[-1][0] + dr < GRID_CELLS and 0 <= cells[-1][1] + dc < GRID_CELLS
+                    and (cells[-1][0] + dr, cells[-1][1] + dc) not in cells]
+            if not opts:
+                ok = False
+                break
+            k = str(opts[int(rng.integers(0, len(opts)))])
+            rels.append(k)
+            cells.append((cells[-1][0] + RELATIONS[k][0], cells[-1][1] + RELATIONS[k][1]))
+        if ok:
+            break
+    free = [(i, j) for i in range(GRID_CELLS) for j in range(GRID_CELLS) if (i, j) not in cells]
+    extra = rng.permutation(len(free))[:GRID_SHAPES - len(cells)]
+    cells = cells + [free[int(i)] for i in extra]
+    colors = [str(c) for c in rng.permutation(list(COLORS))]
+    shapes: list[Shape] = []
+    for (i, j), color in zip(cells, colors):
+        size = float(rng.uniform(*GRID_PX))
+        slack = (GRID_CELL_PX - size) / 2 - 2
+        x = GRID_CELL_PX * (j + 0.5) + float(rng.uniform(-slack, slack))
+        y = GRID_CELL_PX * (i + 0.5) + float(rng.uniform(-slack, slack))
+        shapes.append(Shape(str(rng.choice(LARGE_SHAPES)), color, x, y, size, False))
+    return shapes, rels, shapes[0], shapes[hops]
+
+
+def _q_grid_hops(hops: int):
+    def fn(rng):
+        shapes, rels, start, end = _grid_chain(rng, hops)
+        q = "What color is " + "".join(f"the shape {r} " for r in reversed(rels)) + f"the {start.color} shape?"
+        return shapes, q, [end.color]
+    fn.__doc__ = f"Grid scene; the colour of the shape reached from the named one by {hops} relation(s)."
+    return fn
+
+
+
+COLUMN_SHAPES = 4                   # order families: one shape in each column of the 4 x 4 grid
+ORDER_DIRECTIONS = {"right of": 1, "left of": -1}
+
+
+def _q_order_hops(hops: int):
+    def fn(rng):
+        """One big shape in each grid column (random rows, distinct colours); the colour of the shape
+        `hops` columns right (or left) of the named one, asked as a chain of "next shape" relations."""
+        colors = [str(c) for c in rng.permutation(list(COLORS))[:COLUMN_SHAPES]]
+        shapes: list[Shape] = []
+        for col, color in enumerate(colors):
+            size = float(rng.uniform(*GRID_PX))
+            slack = (GRID_CELL_PX - size) / 2 - 2
+            row = int(rng.integers(0, GRID_CELLS))
+            x = GRID_CELL_PX * (col + 0.5) + float(rng.uniform(-slack, slack))
+            y = GRID_CELL_PX * (row + 0.5) + float(rng.uniform(-slack, slack))
+            shapes.append(Shape(str(rng.choice(LARGE_SHAPES)), color, x, y, size, False))
+        rel = "right of" if rng.integers(0, 2) else "left of"
+        d = ORDER_DIRECTIONS[rel]
+        starts = [c for c in range(COLUMN_SHAPES) if 0 <= c + d * hops < COLUMN_SHAPES]
+        start = starts[int(rng.integers(0, len(starts)))]
+        q = "What color is " + f"the next shape {rel} " * hops + f"the {colors[start]} shape?"
+        return shapes, q, [colors[start + d * hops]]
+    return fn
+
+def _parse_chain(question: str) -> tuple[str, list[str]]:
+    """'What color is the shape above the shape right of the red shape?' -> ('red', ['right of', 'above'])."""
+    body = question.rstrip("?")[len("What color is "):]
+    parts = body.split("the shape ")
+    rels = [p.strip() for p in parts if p.strip()]
+    last = rels.pop()                              # "... the red shape" stays in the last part
+    *rel_tail, color_part = last.split(" the ")
+    rels += [r.strip() for r in rel_tail]
+    color = color_part.split()[0]
+    return color, list(reversed(rels))
+
+
 def _q_large_shape(rng):
     """Training-only auxiliary: name the big shape of a given colour (direct shape supervision)."""
     shapes: list[Shape] = []
@@ -393,6 +506,11 @@ _FAMILY_FN = {
     "checker_count": _q_checker_count,
     "more_color": _q_more_color,
     "right_color": _q_right_color,
+    "grid_hop1": _q_grid_hops(1),
+    "grid_hop2": _q_grid_hops(2),
+    "grid_hop3": _q_grid_hops(3),
+    "order_hop1": _q_order_hops(1),
+    "order_hop2": _q_order_hops(2),
     "large_color": _q_large_color,
     "large_exists": _q_large_exists,
     "large_count_color": _q_large_count_color,
@@ -451,6 +569,21 @@ def answer_from_scene(question_type: str, question: str, shapes: list[Shape]) ->
     if question_type == "right_color":
         (ref,) = [s for s in shapes if s.color == words[-2]]
         return min((s for s in shapes if s.x > ref.x), key=lambda s: s.x).color
+    if question_type.startswith("grid_hop"):
+        color, rels = _parse_chain(question)
+        cells = {grid_cell(s): s for s in shapes}
+        (ref,) = [s for s in shapes if s.color == color]
+        r, c = grid_cell(ref)
+        for k in rels:
+            r, c = r + RELATIONS[k][0], c + RELATIONS[k][1]
+        return cells[(r, c)].color
+    if question_type.startswith("order_hop"):
+        words_q = question.rstrip("?").split()
+        hops = question.count("the next shape")
+        d = ORDER_DIRECTIONS["right of" if "right of" in question else "left of"]
+        (ref,) = [s for s in shapes if s.color == words_q[-2]]
+        ordered = sorted(shapes, key=lambda s: s.x)
+        return ordered[ordered.index(ref) + d * hops].color
     if question_type == "small_color":
         (s,) = [s for s in small if s.kind == words[-1]]
         return s.color

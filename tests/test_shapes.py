@@ -49,13 +49,67 @@ def test_every_family_present_and_answers_match_scene():
                 assert px in shapes.checker_pair(s.color)
 
 
-@pytest.mark.parametrize("family", shapes.AUX_FAMILIES + shapes.LEGACY_FAMILIES)
+@pytest.mark.parametrize("family", shapes.AUX_FAMILIES + shapes.LEGACY_FAMILIES + shapes.GRID_FAMILIES
+                         + shapes.ORDER_FAMILIES)
 def test_aux_and_legacy_families_generate(family):
     for i in range(6):
         it = shapes.make_item(i, "train", family=family)
         assert it.question_type == family and it.answers
-        if family in shapes.LEGACY_FAMILIES:
+        if family not in shapes.AUX_FAMILIES:
             assert it.answers == [shapes.answer_from_scene(family, it.question, it.shapes)]
+
+
+def test_grid_hop_scenes():
+    """Grid relation chains: one shape per colour in distinct 56-px cells (one global-view token each),
+    every hop lands on an occupied cell, the chain never revisits a cell, and the question names
+    as many relations as the family's hop count."""
+    for hops in (1, 2, 3):
+        fam = f"grid_hop{hops}"
+        answers = set()
+        for i in range(60):
+            it = shapes.make_item(i, "validation", family=fam)
+            assert len(it.shapes) == shapes.GRID_SHAPES
+            assert len({s.color for s in it.shapes}) == len(it.shapes)
+            cells = [shapes.grid_cell(s) for s in it.shapes]
+            assert len(set(cells)) == len(cells)
+            for s in it.shapes:              # the whole shape lies inside its cell
+                r, c = shapes.grid_cell(s)
+                assert c * shapes.GRID_CELL_PX <= s.x - s.size / 2 and s.x + s.size / 2 <= (c + 1) * shapes.GRID_CELL_PX
+                assert r * shapes.GRID_CELL_PX <= s.y - s.size / 2 and s.y + s.size / 2 <= (r + 1) * shapes.GRID_CELL_PX
+            color, rels = shapes._parse_chain(it.question)
+            assert len(rels) == hops and all(r in shapes.RELATIONS for r in rels)
+            occupied = dict(zip(cells, it.shapes))
+            (start,) = [s for s in it.shapes if s.color == color]
+            here = shapes.grid_cell(start)
+            seen = [here]
+            for r in rels:
+                here = (here[0] + shapes.RELATIONS[r][0], here[1] + shapes.RELATIONS[r][1])
+                assert here in occupied and here not in seen
+                seen.append(here)
+            assert it.answers == [occupied[here].color] != [color]
+            answers.add(it.answers[0])
+        assert answers == set(shapes.COLORS)
+
+
+def test_order_hop_scenes():
+    """Order families: one shape per grid column (distinct colours), the answer is the shape `hops`
+    columns right or left of the named one, and both directions and every start occur."""
+    for hops in (1, 2):
+        fam = f"order_hop{hops}"
+        seen = set()
+        for i in range(80):
+            it = shapes.make_item(i, "validation", family=fam)
+            cols = sorted(shapes.grid_cell(s)[1] for s in it.shapes)
+            assert cols == list(range(shapes.COLUMN_SHAPES))
+            assert len({s.color for s in it.shapes}) == len(it.shapes)
+            assert it.question.count("the next shape") == hops
+            by_col = {shapes.grid_cell(s)[1]: s for s in it.shapes}
+            color = it.question.rstrip("?").split()[-2]
+            (start,) = [c for c, s in by_col.items() if s.color == color]
+            d = 1 if "right of" in it.question else -1
+            assert it.answers == [by_col[start + d * hops].color]
+            seen.add((d, start))
+        assert len(seen) == 2 * (shapes.COLUMN_SHAPES - hops)
 
 
 def test_family_scenes():

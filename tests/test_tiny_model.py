@@ -79,3 +79,47 @@ def test_shapes_tokenizer_is_rebuilt_identically():
         assert built.encode(text) == shipped.encode(text)
     assert len(built.encode(" purple")) == 1
     assert np.array_equal(built.token_ids()["image_start_token_id"], 448)
+
+
+def test_draw_knobs_block_weights():
+    """--block-weights skews the num_blocks draw; without it the draw is uniform over the feasible options."""
+    import random
+
+    from build_tiny_model import KNOBS, draw_knobs
+
+    def counts(weights):
+        rng, c = random.Random(0), {}
+        for _ in range(3000):
+            _, blocks, _ = draw_knobs(rng, 8, 4, 0.0, None, weights)
+            c[len(blocks)] = c.get(len(blocks), 0) + 1
+        return c
+
+    uniform = counts(None)
+    assert set(uniform) == set(KNOBS["num_blocks_options"])
+    deep = counts({2: 1, 3: 1, 4: 1, 6: 2, 8: 4})
+    assert deep[8] > 1.5 * uniform[8] and deep[2] < uniform[2]
+    assert counts({2: 0, 3: 0, 4: 1, 6: 0, 8: 0}) == {4: 3000}
+
+
+def test_build_smoke_with_depth_curriculum(tmp_path):
+    """A few CPU steps of the build with the per-family depth curriculum write a loadable model."""
+    import build_tiny_model
+    from rollout_workers.molmoe import load_molmoe
+
+    out = tmp_path / "m"
+    threads = torch.get_num_threads()
+    try:
+        rc = build_tiny_model.main(["--device", "cpu", "--threads", "1", "--workers", "0", "--out", str(out),
+                                    "--steps", "2", "--batch", "4", "--eval-samples", "6", "--eval-every", "0",
+                                    "--final-eval", "short", "--block-weights", "1,1,1,2,4",
+                                    "--depth-families", "more_color,right_color",
+                                    "--depth-weights", "0,0.05,0.1,1,1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    info = json.loads((out / "build_info.json").read_text())
+    assert info["args"]["depth_families"] == "more_color,right_color" and info["steps"] == 2
+    assert load_molmoe(out, device="cpu", dtype=torch.float32).model is not None
+    with pytest.raises(SystemExit):
+        build_tiny_model.main(["--device", "cpu", "--out", str(out), "--steps", "1",
+                               "--depth-families", "right_color", "--depth-weights", "1,1"])
