@@ -266,7 +266,13 @@ def main() -> int:
     print(f"fast warm-up: {warm['graphs']} graphs in {warm['seconds']:.1f} s "
           f"({warm['seconds_with_first_requests']:.1f} s with first requests); peak memory {warm['gpu_memory_gib']:.1f} GiB",
           flush=True)
+    def save() -> None:      # after every phase: a run cut by a time limit keeps what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1, default=float))
+
     fast_rows = [] if args.ab_only else time_settings(fast, space, image, args, "fast")
+    out.update({"fast_warmup": warm, "fast": fast_rows})
+    save()
     # switching settings after warm-up must capture nothing
     rng = np.random.default_rng(0)
     for _ in range(40):
@@ -285,6 +291,7 @@ def main() -> int:
           f"{ab['overhead_excl_preprocess_ms_median_ci95'][1]:.3f})", flush=True)
     warm["triton"] = fast_exec.triton
     out.update({"fast_warmup": warm, "fast": fast_rows, "controller_ab_fast": ab})
+    save()
 
     # ---------------- eager engine (same weights in a second copy) and token agreement
     eager_rows, agreement = [], []
@@ -293,6 +300,8 @@ def main() -> int:
         eager = RequestEngine(eager_model, pre, space, importance, executor=EagerEngine(eager_model))
         args_e = argparse.Namespace(**{**vars(args), "repeats": args.eager_repeats, "warmup": 1})
         eager_rows = time_settings(eager, space, image, args_e, "eager")
+        out["eager"] = eager_rows
+        save()
         eager_model.vision.to(torch.bfloat16)       # same vision dtype as the fast engine for the token check
         eager_model.connector.to(torch.bfloat16)
         agreement = token_agreement(fast, eager, space, args.prompts, args.tokens)
@@ -344,8 +353,7 @@ def main() -> int:
         print("\n| check (high tier, 8/16 unless named) | measured | target |\n|---|---|---|")
         for k, (v, t) in checks.items():
             print(f"| {k} | {v:.3f} | {t} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1, default=float))
+    save()
     print(f"wrote {args.out}")
     return 0
 
