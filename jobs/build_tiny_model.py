@@ -415,7 +415,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"--depth-weights needs {len(KNOBS['num_blocks_options'])} weights")
     depth_weights = dict(zip(KNOBS["num_blocks_options"], dw))
     if fams:
-        val_items = [it for it in val_items if it[3] in fams] or val_items
+        # families outside shapes.FAMILIES (e.g. shapes.ORDER_FAMILIES) are rendered on purpose
+        val_items = [shapes.render_item(i, "validation", args.seed, family=fams[i % len(fams)])
+                     for i in range(args.eval_samples)]
     loader = torch.utils.data.DataLoader(SceneBatches(args.batch, max_steps, args.seed, aux_frac=args.aux_frac,
                                                       families=fams), batch_size=None,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
