@@ -185,7 +185,9 @@ class RequestEngine:
             h = ex.prefill(x, list(range(p)), {})
             timer.mark("prefix_ms")
             # -- Stage2 (host sync: the decision needs the latency token and the elapsed time)
-            latency_state = h[0, -1].cpu().float().numpy()      # one small copy, converted on the host
+            # one small copy, converted on the host; always a copy: on CPU, h may be a view of an engine
+            # buffer that the rest of the prefill overwrites in place (the recorded state must stay)
+            latency_state = h[0, -1].cpu().float().numpy().copy()
             spent_frac = timer.elapsed_ms() / budget_ms
             f2 = Stage2Features(latency_state=latency_state, p_idx=d_p.index, vision_tokens=tier_tokens[d_tier.index],
                                 spent_frac=float(spent_frac), nb_mask=space.num_blocks_feasible(p))

@@ -96,6 +96,12 @@ def test_padded_prefill_equals_eager_on_cpu(tmp_path):
     eager, fast, fast_exec, space, ctl = _setup("cpu", tmp_path, max_len=256, prefill_bucket=48, pad_prefill=True)
     assert fast_exec.pad_prefill and not fast_exec.use_graphs
     _compare(eager, fast, ctl, _choices(space, 2, seed=5), atol=1e-4)
+    # the Stage2 features recorded for training are the latency token's state at decision time, even
+    # though the padded engine continues the prefill in place in the buffer that state was read from
+    image = _png(seed=7)
+    a = eager.serve(image, QUESTION, 250.0, ctl, generator=torch.Generator().manual_seed(0), max_new_tokens=2)
+    b = fast.serve(image, QUESTION, 250.0, ctl, generator=torch.Generator().manual_seed(0), max_new_tokens=2)
+    np.testing.assert_allclose(a.stage2.latency_state, b.stage2.latency_state, atol=1e-4)
 
 
 def test_fast_engine_sampled_controller_path_matches(cpu_engines):
