@@ -90,7 +90,8 @@ class MolmoeBackend(RolloutBackend):
                                   triton={"auto": None, "on": True, "off": False}[m.fast_triton])
         else:
             executor = EagerEngine(bundle.model)
-        engine = RequestEngine(bundle.model, bundle.preprocessor, space, importance, executor=executor)
+        engine = RequestEngine(bundle.model, bundle.preprocessor, space, importance, executor=executor,
+                               reuse_preprocess=m.reuse_group_preprocess)
         return cls(engine, model_id=m.model_id, engine_name=m.engine, torch_threads=cfg.system.torch_threads)
 
     def info(self) -> BackendInfo:

@@ -20,6 +20,13 @@ budget-token path and the plain path give the same logits at every generated ste
 Without a controller (`controller=None`, fixed knobs) the plain path runs: no budget token, one
 prefill over the selected blocks, no mid-prefill synchronisation. It is the "B" side of the
 controller-overhead A/B and what static baselines use.
+
+Shared preprocessing (`reuse_preprocess=True`, what rollout workers use): a GRPO group runs G requests
+on the same image bytes and question, and their preprocessing (decoding, size probe, tokenising, the
+language feature; the crops of each tier) is the same work on the same input. It is done once; each
+later request on the same inputs reuses it and is charged the time the first one measured, so the
+latency the budget applies to is unchanged, but a worker decodes each image once per group, not G
+times. Only the same bytes object is recognised (identity, no hashing).
 """
 from __future__ import annotations
 
@@ -38,6 +45,18 @@ from rollout_workers.timers import SegmentTimer
 
 SEGMENT_ORDER = ("preprocess_ms", "stage1_ms", "vision_ms", "prefix_ms", "stage2_ms", "prefill_rest_ms",
                  "decode_ms", "postprocess_ms")
+
+
+@dataclass
+class _PreprocessMemo:
+    """The preprocessing of one (image bytes, question) and its measured times (ms)."""
+    image: Optional[bytes]
+    question: str
+    rgb: Optional[np.ndarray]
+    tier_tokens: list[int]
+    lang_feat: np.ndarray
+    part1_ms: float
+    crops: dict = field(default_factory=dict)      # max_crops -> (preprocessed inputs, ms)
 
 
 @dataclass
@@ -72,9 +91,13 @@ class RequestEngine:
         space: the knob space; must match the model's shape.
         importance: per-block importance scores for block selection.
         executor: how the blocks run (default: `EagerEngine(model)`; or a `FastEngine`).
+        reuse_preprocess: reuse the last request's preprocessing when the next one has the same image
+            bytes object and question, charging its measured time (module docstring). Off by default
+            (benchmarks time every request's preprocessing afresh); rollout workers turn it on.
     """
 
-    def __init__(self, model, preprocessor, space: KnobSpace, importance: ImportanceScores, executor=None):
+    def __init__(self, model, preprocessor, space: KnobSpace, importance: ImportanceScores, executor=None,
+                 reuse_preprocess: bool = False):
         cfg = model.config
         if (space.num_layers, space.num_experts, space.native_top_k) != (cfg.n_layers, cfg.num_experts, cfg.top_k):
             raise ValueError(f"knob space is for {space.num_layers} blocks x {space.num_experts} experts (native top_k "
@@ -89,6 +112,9 @@ class RequestEngine:
         self.importance = importance
         self.device = model.device
         self.executor = executor if executor is not None else EagerEngine(model)
+        self.reuse_preprocess = bool(reuse_preprocess)
+        self._memo: Optional[_PreprocessMemo] = None
+        self.preprocess_reused = 0          # requests that reused a memo (part 1), for reports
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -133,14 +159,23 @@ class RequestEngine:
         timer = SegmentTimer(self.device)
 
         # -- preprocess (part 1): decode, probe size, tokenise, language feature ----------------
-        rgb = self._decode_image(image_bytes)
-        if rgb is not None:
-            h_px, w_px = rgb.shape[:2]
-            counts = self.pre.tier_token_counts(w_px, h_px, space.tier_max_crops)
-            tier_tokens = [int(c[1]) for c in counts]
+        memo = self._memo
+        if not (self.reuse_preprocess and memo is not None and memo.image is image_bytes
+                and memo.question == question):
+            memo = None
+        if memo is None:
+            rgb = self._decode_image(image_bytes)
+            if rgb is not None:
+                h_px, w_px = rgb.shape[:2]
+                counts = self.pre.tier_token_counts(w_px, h_px, space.tier_max_crops)
+                tier_tokens = [int(c[1]) for c in counts]
+            else:
+                tier_tokens = [0] * space.num_tiers
+            lang_feat = self.language_feature(question)
         else:
-            tier_tokens = [0] * space.num_tiers
-        lang_feat = self.language_feature(question)
+            rgb, tier_tokens, lang_feat = memo.rgb, list(memo.tier_tokens), memo.lang_feat
+            timer.charge("preprocess_ms", memo.part1_ms)
+            self.preprocess_reused += 1
         f1 = Stage1Features(lang_feat=lang_feat, budget_ms=budget_ms, tier_tokens=tier_tokens,
                             tier_mask=space.tier_mask(tier_tokens), p_mask=[True] * len(space.positions))
         timer.mark("preprocess_ms")
@@ -164,8 +199,13 @@ class RequestEngine:
         timer.mark("stage1_ms")
 
         # -- preprocess (part 2): crops at the chosen tier ----------------------------------------
-        inputs = self.pre.preprocess(question, rgb, max_crops=max_crops,
-                                     device=self.executor.preprocess_device).to(self.device)
+        crops_hit = memo.crops.get(max_crops) if memo is not None else None
+        if crops_hit is None:
+            inputs = self.pre.preprocess(question, rgb, max_crops=max_crops,
+                                         device=self.executor.preprocess_device).to(self.device)
+        else:
+            inputs = crops_hit[0]
+            timer.charge("preprocess_ms", crops_hit[1])
         if inputs.num_tokens > model.config.max_sequence_length:
             raise SampleError(f"prompt of {inputs.num_tokens} tokens exceeds the model's context of "
                               f"{model.config.max_sequence_length}")
@@ -236,6 +276,13 @@ class RequestEngine:
         answer = self.tok.decode([i for i in out_ids if i != eos])
         timer.mark("postprocess_ms")
         segments = timer.finish()
+        if self.reuse_preprocess:
+            pre_ms = [ms for name, ms in timer.deltas if name == "preprocess_ms"]    # [part 1, part 2]
+            if memo is None:
+                memo = _PreprocessMemo(image_bytes, question, rgb, list(tier_tokens), lang_feat, pre_ms[0])
+            if crops_hit is None:
+                memo.crops[max_crops] = (inputs, pre_ms[1])
+            self._memo = memo
         for name in SEGMENT_ORDER:
             segments.setdefault(name, 0.0)
         knobs = space.choice(d_tier.index, d_p.index, d_k.index, d_nb.index)

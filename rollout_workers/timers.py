@@ -24,6 +24,8 @@ class SegmentTimer:
         self.marks: list = []
         self._host_start = time.perf_counter()
         self._first: Optional[object] = None
+        self.charged_ms: dict[str, float] = {}
+        self.deltas: list[tuple[str, float]] = []
         self.start()
 
     def _now(self):
@@ -38,11 +40,18 @@ class SegmentTimer:
         self._first = self._now()
         self.marks = [self._first]
         self.names = []
+        self.charged_ms = {}
+        self.deltas = []
 
     def mark(self, name: str) -> None:
         """Close the segment `name` (from the previous mark to now)."""
         self.marks.append(self._now())
         self.names.append(name)
+
+    def charge(self, name: str, ms: float) -> None:
+        """Add `ms` to segment `name` without timing it now: work measured on an earlier request and
+        reused by this one (a GRPO group's shared preprocessing) still counts in this request's latency."""
+        self.charged_ms[name] = self.charged_ms.get(name, 0.0) + float(ms)
 
     def _delta_ms(self, a, b) -> float:
         if self.cuda:
@@ -54,19 +63,23 @@ class SegmentTimer:
         now = self._now()
         if self.cuda:
             now.synchronize()
-        return self._delta_ms(self._first, now)
+        return self._delta_ms(self._first, now) + sum(self.charged_ms.values())
 
     def finish(self) -> dict[str, float]:
         """Per-segment milliseconds (synchronises once on GPU)."""
         if self.cuda:
             self.marks[-1].synchronize()
+        self.deltas = [(name, self._delta_ms(a, b)) for name, a, b in zip(self.names, self.marks[:-1], self.marks[1:])]
         out: dict[str, float] = {}
-        for name, a, b in zip(self.names, self.marks[:-1], self.marks[1:]):
-            out[name] = out.get(name, 0.0) + self._delta_ms(a, b)
+        for name, ms in self.deltas:
+            out[name] = out.get(name, 0.0) + ms
+        for name, ms in self.charged_ms.items():
+            out[name] = out.get(name, 0.0) + ms
         return out
 
     def total_ms(self) -> float:
-        return self._delta_ms(self.marks[0], self.marks[-1])
+        """First mark to last, plus the charged time."""
+        return self._delta_ms(self.marks[0], self.marks[-1]) + sum(self.charged_ms.values())
 
 
 def timer_overhead_us(device: torch.device | str = "cpu", marks: int = 1000) -> float:

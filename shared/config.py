@@ -75,6 +75,8 @@ class ModelConfig:
                           choices=["auto", "on", "off"])
     fast_prefill_bucket: int = _f(128, doc="fast engine: prompts are padded to a multiple of this many positions "
                                             "(one prefill graph per block and length bucket)", lo=1, hi=1 << 20)
+    reuse_group_preprocess: bool = _f(True, doc="a group's G rollouts share one image decode and crop cut (same "
+                                                "bytes and question); each is charged the time it measured")
     dtype: str = _f("float32", doc="model dtype", choices=["float32", "bfloat16", "float16"])
     device: str = _f("auto", doc="'auto' = cuda if available else cpu", choices=["auto", "cpu", "cuda"])
     num_layers: int = _f(16, doc="transformer blocks of the LLM", lo=1, hi=256)

@@ -167,3 +167,53 @@ def test_engine_refuses_mismatched_space(tiny):
     wrong = KnobSpace(("low",), (1,), (1,), (1,), (cfg.n_layers - 1,), cfg.n_layers - 1, cfg.num_experts, cfg.top_k)
     with pytest.raises(ValueError, match="blocks"):
         RequestEngine(m.model, m.preprocessor, wrong, ImportanceScores.by_index(cfg.n_layers))
+
+
+def test_timer_charge_counts_in_segments_total_and_elapsed():
+    t = SegmentTimer("cpu")
+    t.charge("a", 5.0)
+    t.mark("a")
+    assert t.elapsed_ms() >= 5.0
+    t.mark("b")
+    seg = t.finish()
+    assert seg["a"] >= 5.0 and abs(sum(seg.values()) - t.total_ms()) < 1e-9
+    assert [name for name, _ in t.deltas] == ["a", "b"] and t.deltas[0][1] < 5.0
+
+
+def test_group_preprocess_reuse_same_answers_and_charged_latency(tiny):
+    """A group's later requests on the same bytes object reuse the first one's preprocessing: the same
+    tokens and logits as fresh preprocessing, and its measured time is charged to each of them."""
+    m, engine, ctl = tiny
+    shared = RequestEngine(m.model, m.preprocessor, engine.space, engine.importance, reuse_preprocess=True)
+    image = _png(200, 140, seed=9)
+    fixed = [KnobChoice("high", engine.space.tier_max_crops[2], 1, 2, 3),
+             KnobChoice("low", engine.space.tier_max_crops[0], 2, 1, 4)]
+    first = shared.serve(image, QUESTION, 250.0, None, fixed=fixed[0], max_new_tokens=3, return_logits=True)
+    assert shared.preprocess_reused == 0
+    for knobs in fixed + fixed:
+        again = shared.serve(image, QUESTION, 250.0, None, fixed=knobs, max_new_tokens=3, return_logits=True)
+        fresh = engine.serve(image, QUESTION, 250.0, None, fixed=knobs, max_new_tokens=3, return_logits=True)
+        assert again.answer_ids == fresh.answer_ids
+        assert all(torch.equal(a, b) for a, b in zip(again.step_logits, fresh.step_logits))
+        assert again.stage1.tier_tokens == fresh.stage1.tier_tokens
+        np.testing.assert_array_equal(again.stage1.lang_feat, fresh.stage1.lang_feat)
+        assert abs(sum(again.segments_ms.values()) - again.latency_ms) < 1e-6 * again.latency_ms + 1e-3
+    assert shared.preprocess_reused == 4
+    # the charged preprocessing is what the first request measured for the same tier
+    memo = shared._memo
+    high = memo.crops[engine.space.tier_max_crops[2]][1]
+    assert first.segments_ms["preprocess_ms"] == pytest.approx(memo.part1_ms + high, rel=1e-9)
+    again = shared.serve(image, QUESTION, 250.0, None, fixed=fixed[0], max_new_tokens=3)
+    assert again.segments_ms["preprocess_ms"] >= memo.part1_ms + high
+    # an equal copy of the bytes, another question, or the controlled path with a new image: no reuse
+    n = shared.preprocess_reused
+    shared.serve(bytes(bytearray(image)), QUESTION, 250.0, None, fixed=fixed[0], max_new_tokens=2)
+    shared.serve(image, QUESTION + " now", 250.0, None, fixed=fixed[0], max_new_tokens=2)
+    assert shared.preprocess_reused == n
+    gen = torch.Generator().manual_seed(0)
+    other = _png(seed=10)
+    a = shared.serve(other, QUESTION, 250.0, ctl, generator=gen, max_new_tokens=2)
+    b = shared.serve(other, QUESTION, 250.0, ctl, generator=gen, max_new_tokens=2)
+    assert shared.preprocess_reused == n + 1
+    assert b.stage2.spent_frac * 250.0 >= shared._memo.part1_ms
+    assert a.stage1.tier_tokens == b.stage1.tier_tokens
