@@ -318,6 +318,7 @@ class FastEngine:
         self._mask = torch.zeros(self.max_len, dtype=torch.bool, device=dev)
         self._arange = torch.arange(self.max_len, device=dev)
         self._logits = torch.zeros(1, 1, cfg.embedding_size, device=dev, dtype=dt)
+        self._tok_host = torch.zeros(1, dtype=torch.long, pin_memory=cuda)    # greedy_decode's EOS check
         self.preprocess_device = dev if cuda else None     # crops are cut on the GPU (MolmoPreprocessor)
         self._decode_fn = block_decode
         self._prefill_fn = block_prefill
@@ -426,6 +427,45 @@ class FastEngine:
         self._graph(("head",), self._head_step).replay()
         return self._logits
 
+    @torch.no_grad()
+    def greedy_decode(self, logits: torch.Tensor, start: int, block_ids: Sequence[int], top_k: Mapping[int, int],
+                      max_new_tokens: int, eos: Optional[int]) -> Optional[list[int]]:
+        """Greedy answer ids from the prefill's last logits [1, 1, V]: the first token from them, then one
+        decode step per token at positions start, start + 1, ... until ``eos`` (kept) or ``max_new_tokens``.
+
+        Each step's argmax and position increment run on the device inside the step (one graph replay
+        when the block list's whole-step graph was captured), and the host reads each token through one
+        small pinned copy queued behind the step for the end-of-sequence check: between two steps the GPU
+        waits only for that check, not for an argmax launch, a synchronising copy and two buffer fills.
+        Returns None when graphs are on but this block list has no whole-step graph (the caller then runs
+        ``decode_step`` per token); same tokens as that loop (tested)."""
+        key = ("step", tuple(int(b) for b in block_ids))
+        graph = self._graphs.get(key) if self.use_graphs else None
+        if self.use_graphs and graph is None:
+            return None
+        self._set_top_k(block_ids, top_k)
+        cuda = self.device.type == "cuda"
+        torch.argmax(logits.reshape(-1), dim=0, keepdim=True, out=self._tok)
+        self._tok_host.copy_(self._tok, non_blocking=cuda)
+        self._pos.fill_(int(start))
+        out: list[int] = []
+        for i in range(max_new_tokens):
+            if cuda:
+                torch.cuda.current_stream().synchronize()
+            tok = int(self._tok_host[0])
+            out.append(tok)
+            if tok == eos or i == max_new_tokens - 1:
+                break
+            if start + i >= self.max_len:
+                raise ValueError(f"position {start + i} is beyond the fast engine's cache of {self.max_len} "
+                                 f"positions (model.fast_max_len)")
+            if graph is not None:
+                graph.replay()
+            else:
+                self._whole_step(block_ids)
+            self._tok_host.copy_(self._tok, non_blocking=cuda)
+        return out
+
     # ------------------------------------------------------------------ warm-up / graphs
     @torch.no_grad()
     def warmup(self, space=None, crop_counts: Optional[Sequence[int]] = None, importance=None,
@@ -528,10 +568,14 @@ class FastEngine:
         torch.le(self._arange, self._pos, out=self._mask)
 
     def _whole_step(self, block_ids: Sequence[int]) -> None:
+        """A decode step, then the greedy token into ``_tok`` and the next position into ``_pos`` (for
+        ``greedy_decode``; ``decode_step`` overwrites both before each step)."""
         self._embed_step()
         for b in block_ids:
             self._block_step(b)
         self._head_step()
+        torch.argmax(self._logits.reshape(-1), dim=0, keepdim=True, out=self._tok)
+        self._pos.add_(1)
 
     def _block_step(self, b: int) -> None:
         out = self._decode_fn(self.weights[b], self.shape, self._x, self._pos, self._cos, self._sin, self._mask,

@@ -261,8 +261,12 @@ class RequestEngine:
 
         # -- decode: same knobs; prefix blocks at native top_k ------------------------------------
         eos = model.config.eos_token_id
-        out_ids: list[int] = []
-        for step in range(max_new_tokens):
+        greedy_decode = getattr(ex, "greedy_decode", None)     # the fast engine's device-side greedy loop
+        device_loop = None
+        if greedy_decode is not None and not return_logits:
+            device_loop = greedy_decode(logits, T, block_ids, k_map, max_new_tokens, eos if stop_at_eos else None)
+        out_ids: list[int] = device_loop if device_loop is not None else []
+        for step in range(max_new_tokens if device_loop is None else 0):
             if return_logits:
                 step_logits.append(logits[0, -1].to("cpu", torch.float32, copy=True))   # engines may reuse the buffer
             next_id = int(logits[0, -1].argmax())          # host sync: end-of-sequence check

@@ -153,6 +153,35 @@ def test_prompt_longer_than_the_cache_is_a_clear_error(tmp_path):
         fast.serve(_png(), QUESTION, 300.0, ctl, fixed=space.full_compute(), max_new_tokens=2)
 
 
+def _check_device_greedy_loop(eager, fast, fast_exec, ctl, choices):
+    """The fast engine's device-side greedy loop (argmax and position on the device, one token read per
+    step) gives the tokens of the host loop over decode_step and of the eager engine, and stops at EOS."""
+    image = _png(180, 120, seed=4)
+    for fixed in choices:
+        for controller in (ctl, None):
+            kw = dict(fixed=fixed, max_new_tokens=7, stop_at_eos=False)
+            host = fast.serve(image, QUESTION, 300.0, controller, return_logits=True, **kw)
+            dev = fast.serve(image, QUESTION, 300.0, controller, **kw)
+            ref = eager.serve(image, QUESTION, 300.0, controller, **kw)
+            assert dev.answer_ids == host.answer_ids == ref.answer_ids, fixed
+            assert len(dev.answer_ids) == 7 and dev.segments_ms["decode_ms"] > 0
+    # EOS: any token of the answer as the end-of-sequence id stops the loop right after its first occurrence
+    x = fast_exec.model.embed_tokens(torch.tensor([[1, 2, 3]], device=fast_exec.device))
+    blocks = list(range(fast_exec.n_layers))
+    fast_exec.begin()
+    logits = fast_exec.head(fast_exec.prefill(x, blocks, {})[:, -1:])
+    loop = fast_exec.greedy_decode(logits, 3, blocks, {}, 7, None)
+    fast_exec.begin()
+    logits = fast_exec.head(fast_exec.prefill(x, blocks, {})[:, -1:])
+    stopped = fast_exec.greedy_decode(logits, 3, blocks, {}, 7, loop[2])
+    assert len(loop) == 7 and stopped == loop[:loop.index(loop[2]) + 1]
+
+
+def test_device_greedy_loop_equals_host_loop_on_cpu(cpu_engines):
+    eager, fast, fast_exec, space, ctl = cpu_engines
+    _check_device_greedy_loop(eager, fast, fast_exec, ctl, _choices(space, 1, seed=8))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_engine_with_cuda_graphs_equals_eager(tmp_path):
@@ -165,6 +194,7 @@ def test_fast_engine_with_cuda_graphs_equals_eager(tmp_path):
     # decode pieces, whole decode steps per block list, prefill per block and bucket, vision per crop count
     assert info["graphs"] == 2 + L + steps + L * buckets + max(space.tier_max_crops) + 1
     worst = _compare(eager, fast, ctl, _choices(space, 4, seed=3), atol=2e-3)
+    _check_device_greedy_loop(eager, fast, fast_exec, ctl, _choices(space, 1, seed=8))
     assert fast_exec.captures_after_warmup == 0
     print(f"max |logit diff| fast (graphs) vs eager on CUDA, float32 tiny: {worst:.2e}")
 
