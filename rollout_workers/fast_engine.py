@@ -223,22 +223,68 @@ def block_weights(layer) -> BlockWeights:
     """The block's parameters; q/k/v projections are re-stored as views of one stacked tensor, so the
     fast engine runs one GEMM where transformers runs three, and no memory is duplicated."""
     a, mlp = layer.self_attn, layer.mlp
-    projs = (a.q_proj, a.k_proj, a.v_proj)
-    wqkv = getattr(a, "_fast_wqkv", None)
-    if wqkv is None or any(p.weight.data_ptr() != v.data_ptr() for p, v in zip(projs, _split_rows(wqkv, projs))):
-        with torch.no_grad():
-            wqkv = torch.cat([p.weight for p in projs], dim=0)
-        for p, view in zip(projs, _split_rows(wqkv, projs)):
-            p.weight = torch.nn.Parameter(view, requires_grad=False)
-        a._fast_wqkv = wqkv
+    wqkv = _stack_params(a, ("q_proj", "k_proj", "v_proj"), "_fast_wqkv", "weight")
     return BlockWeights(layer.input_layernorm.weight, wqkv, a.q_norm.weight, a.k_norm.weight, a.o_proj.weight,
                         layer.post_attention_layernorm.weight, mlp.gate.weight, mlp.experts.gate_up_proj,
                         mlp.experts.down_proj)
 
 
-def _split_rows(stacked: torch.Tensor, projs) -> list[torch.Tensor]:
-    sizes = [p.out_features for p in projs]
-    return list(stacked.split(sizes, dim=0))
+class VisionLayerWeights(NamedTuple):
+    """One CLIP encoder layer's parameters; q/k/v stacked (as views, like the LLM blocks)."""
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    wqkv: torch.Tensor          # [3 width, width]
+    bqkv: torch.Tensor          # [3 width]
+    wo: torch.Tensor
+    bo: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    w1: torch.Tensor            # [mlp, width]
+    b1: torch.Tensor
+    w2: torch.Tensor            # [width, mlp]
+    b2: torch.Tensor
+
+
+def _stack_params(module, names: Sequence[str], attr: str, tensor: str) -> torch.Tensor:
+    """The ``tensor`` ("weight"/"bias") of ``module``'s linear layers ``names`` as one stacked tensor;
+    the layers' own parameters become views of it (no memory duplicated), cached on ``module.<attr>``."""
+    projs = [getattr(module, n) for n in names]
+    stacked = getattr(module, attr, None)
+    views = None if stacked is None else stacked.split([getattr(p, tensor).shape[0] for p in projs], dim=0)
+    if views is None or any(getattr(p, tensor).data_ptr() != v.data_ptr() for p, v in zip(projs, views)):
+        with torch.no_grad():
+            stacked = torch.cat([getattr(p, tensor) for p in projs], dim=0)
+        for p, view in zip(projs, stacked.split([getattr(p, tensor).shape[0] for p in projs], dim=0)):
+            setattr(p, tensor, torch.nn.Parameter(view, requires_grad=False))
+        setattr(module, attr, stacked)
+    return stacked
+
+
+def vision_layer_weights(layer) -> VisionLayerWeights:
+    a, mlp = layer.self_attn, layer.mlp
+    wqkv = _stack_params(a, ("q_proj", "k_proj", "v_proj"), "_fast_wqkv", "weight")
+    bqkv = _stack_params(a, ("q_proj", "k_proj", "v_proj"), "_fast_bqkv", "bias")
+    return VisionLayerWeights(layer.layer_norm1.weight, layer.layer_norm1.bias, wqkv, bqkv, a.out_proj.weight,
+                              a.out_proj.bias, layer.layer_norm2.weight, layer.layer_norm2.bias, mlp.fc1.weight,
+                              mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+
+
+def vision_layer(w: VisionLayerWeights, x: torch.Tensor, heads: int, eps: float, fused_mlp: bool) -> torch.Tensor:
+    """CLIP's pre-LayerNorm encoder layer (no mask, non-causal, quick-GELU MLP), as transformers runs
+    it but with one stacked q/k/v GEMM and, with ``fused_mlp``, the up-projection, bias and activation
+    in one Triton GEMM. x [n_crops, S, width] -> [n_crops, S, width]."""
+    n, S, width = x.shape
+    h = F.layer_norm(x, (width,), w.ln1_w, w.ln1_b, eps)
+    q, k, v = F.linear(h, w.wqkv, w.bqkv).view(n, S, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    a = F.scaled_dot_product_attention(q, k, v)          # scale head_dim^-0.5, CLIP's
+    x = x + F.linear(a.transpose(1, 2).reshape(n, S, width), w.wo, w.bo)
+    h = F.layer_norm(x, (width,), w.ln2_w, w.ln2_b, eps)
+    if fused_mlp:
+        u = triton_kernels.linear_quick_gelu(h, w.w1, w.b1)
+    else:
+        u = F.linear(h, w.w1, w.b1)
+        u = u * torch.sigmoid(1.702 * u)
+    return x + F.linear(u, w.w2, w.b2)
 
 
 # ================================================================================ the engine
@@ -320,13 +366,16 @@ class FastEngine:
         self._logits = torch.zeros(1, 1, cfg.embedding_size, device=dev, dtype=dt)
         self._tok_host = torch.zeros(1, dtype=torch.long, pin_memory=cuda)    # greedy_decode's EOS check
         self.preprocess_device = dev if cuda else None     # crops are cut on the GPU (MolmoPreprocessor)
+        vit = model.vision.encoder.layers[: max(cfg.vit_block_indices) + 1]
+        self.vision_weights = [vision_layer_weights(layer) for layer in vit]
+        self.vision_fused_mlp = self.triton
         self._decode_fn = block_decode
         self._prefill_fn = block_prefill
-        self._vision_fn = model.encode_images
+        self._vision_fn = self._vision_eager
         if self.compile:
             self._decode_fn = torch.compile(block_decode, dynamic=False)
             self._prefill_fn = torch.compile(block_prefill, dynamic=True)
-            self._vision_fn = torch.compile(model.encode_images, dynamic=True)
+            self._vision_fn = torch.compile(self._vision_eager, dynamic=True)
         self._graphs: dict = {}
         self._prefill_bufs: dict = {}
         self._vision: dict = {}
@@ -497,7 +546,7 @@ class FastEngine:
                 log.warning("torch.compile failed (%s: %s); the fast engine runs its layer functions uncompiled",
                             type(exc).__name__, exc)
                 self.compile, self._decode_fn, self._prefill_fn = False, block_decode, block_prefill
-                self._vision_fn = self.model.encode_images
+                self._vision_fn = self._vision_eager
                 report.update(compiled=False, compile_error=f"{type(exc).__name__}: {exc}"[:500])
         if self.use_graphs:
             self._pos.fill_(0)
@@ -586,6 +635,13 @@ class FastEngine:
         self._logits.copy_(self.model.head(self._x))
 
     # ------------------------------------------------------------------ vision
+    def _vision_eager(self, images: torch.Tensor, image_masks: Optional[torch.Tensor]) -> torch.Tensor:
+        """The model's ``encode_images`` with this engine's ViT layers (``vision_layer``)."""
+        heads, eps = self.cfg.vit_num_heads, float(self.cfg.vit_layer_norm_eps)
+        return self.model.encode_images(
+            images, image_masks,
+            layer_fn=lambda i, h: vision_layer(self.vision_weights[i], h, heads, eps, self.vision_fused_mlp))
+
     def _encode_images(self, images: torch.Tensor, image_masks: Optional[torch.Tensor]) -> torch.Tensor:
         """[n_crops, n_patches, patch_dim] -> [n_crops, tokens_per_crop, d_model], replaying the crop
         count's graph when there is one (a mask is always passed inside graphs: ones when absent)."""

@@ -19,7 +19,7 @@ renamed from ``past_key_values`` to ``cache``; both are handled).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -142,13 +142,16 @@ class MolmoeModel(nn.Module):
         cls = emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + emb.position_embedding.weight[: x.shape[1] + 1]
 
-    def encode_images(self, images: torch.Tensor, image_masks: torch.Tensor | None) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, image_masks: torch.Tensor | None,
+                      layer_fn: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """ViT + connector.
 
         images: float [n_crops, n_patches, patch_dim] (normalised pixels, (dh, dw, c) per patch; a crop
         with any pixel exactly -1 is treated as batch padding and its features are zeroed, as in the
         official code). image_masks: [n_crops, n_patches] or None.
         Returns [n_crops, tokens_per_crop, d_model] in the vision dtype.
+        layer_fn(i, hidden) -> hidden runs ViT layer i instead of the transformers module (the fast
+        engine's fused layers); hidden is [n_crops, 1 + n_patches, width].
         """
         cfg = self.config
         if images.dim() == 4 and images.shape[0] == 1:
@@ -167,7 +170,7 @@ class MolmoeModel(nn.Module):
         wanted = cfg.vit_block_indices
         outputs: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.vision.encoder.layers[: max(wanted) + 1]):
-            hidden = layer(hidden, None)
+            hidden = layer(hidden, None) if layer_fn is None else layer_fn(i, hidden)
             if isinstance(hidden, tuple):  # older layer APIs
                 hidden = hidden[0]
             if i in wanted:

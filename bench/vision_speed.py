@@ -1,0 +1,129 @@
+"""Vision tower speed on one GPU (issue 8): the fast engine's ViT layer variants against transformers'.
+
+    python bench/vision_speed.py --out runs/bench/vision_speed.json [--crops 13 7 3] [--repeats 50]
+
+Full-size MolmoE with RANDOM weights, bf16. For each crop count, each variant is compiled
+(``torch.compile``, dynamic shapes, as the fast engine does) and captured as one CUDA graph; the
+table gives the median replay time and the largest |difference| of its output from the transformers
+layers' (compiled the same way):
+
+* ``transformers``: the model's ``encode_images`` with transformers' CLIPEncoderLayer;
+* ``stacked``: ``fast_engine.vision_layer`` (one q/k/v GEMM), MLP unfused;
+* ``stacked+fused``: the same with the up-projection, bias and quick-GELU in one Triton GEMM
+  (``triton_kernels.linear_quick_gelu``), what the fast engine runs with Triton.
+
+Also the attention alone for the high tier (13 crops x 577 positions x 16 heads x 64) per SDPA backend,
+and the floor of the vision encoder (GEMM and attention FLOPs at the card's measured matmul rate).
+Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def time_graph(fn, repeats: int) -> float:
+    """Median ms of a CUDA graph of fn() (captured after two eager runs on a side stream)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(5):
+        g.replay()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/bench/vision_speed.json")
+    ap.add_argument("--crops", type=int, nargs="+", default=[13, 7, 3])
+    ap.add_argument("--repeats", type=int, default=50)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 2
+    from bench.rollout_speed import measure_card
+    from rollout_workers.fast_engine import FastEngine
+    from rollout_workers.molmoe.config import MolmoeConfig
+    from rollout_workers.molmoe.loader import random_full_size
+    dev = torch.device("cuda")
+    card = torch.cuda.get_device_name(0)
+    rates = measure_card(dev)
+    cfg = MolmoeConfig.full()
+    model = random_full_size(dev, torch.bfloat16, seed=0).eval()
+    eng = FastEngine(model, max_len=256, top_k_max=8)
+    heads, eps = cfg.vit_num_heads, float(cfg.vit_layer_norm_eps)
+    from rollout_workers.fast_engine import vision_layer
+
+    def variant(fused: bool):
+        return lambda imgs, masks: model.encode_images(
+            imgs, masks, layer_fn=lambda i, h: vision_layer(eng.vision_weights[i], h, heads, eps, fused))
+    fns = {"transformers": torch.compile(model.encode_images, dynamic=True),
+           "stacked": torch.compile(variant(False), dynamic=True)}
+    if eng.triton:
+        fns["stacked+fused"] = torch.compile(variant(True), dynamic=True)
+    S, Dv, Fv = cfg.patches_per_crop + 1, cfg.vit_hidden_size, cfg.vit_mlp_size
+    n_vit = max(cfg.vit_block_indices) + 1
+    rows, out = [], {"card": card, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                     "card_rates": rates}
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for n in args.crops:
+        x = torch.randn(n, cfg.patches_per_crop, cfg.patch_dim, device=dev, dtype=torch.bfloat16, generator=gen)
+        m = torch.ones(n, cfg.patches_per_crop, device=dev, dtype=torch.bfloat16)
+        with torch.no_grad():
+            ref = fns["transformers"](x, m).float()
+            flops = n * n_vit * (2 * S * (4 * Dv * Dv + 2 * Dv * Fv) + 4 * S * S * Dv)
+            for name, fn in fns.items():
+                ms = time_graph(lambda: fn(x, m), args.repeats)
+                diff = float((fn(x, m).float() - ref).abs().max())
+                rows.append({"crops": n, "variant": name, "ms": ms, "floor_ms": flops / rates["matmul_flop_per_s"] * 1e3,
+                             "max_abs_diff_vs_transformers": diff, "ref_abs_max": float(ref.abs().max())})
+                print(f"| {n} | {name} | {ms:.3f} | {rows[-1]['floor_ms']:.3f} | {diff:.4f} |", flush=True)
+    out["vision"] = rows
+    # attention alone, per SDPA backend (high tier)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = (torch.randn(13, heads, S, Dv // heads, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    attn = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                ms = time_graph(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
+            attn[backend.name] = ms
+        except RuntimeError as exc:
+            attn[backend.name] = f"unavailable: {exc}"[:200]
+        print(f"attention 13 crops, {backend.name}: {attn[backend.name]} ms per layer", flush=True)
+    out["attention_ms_per_layer"] = attn
+    print("\n| crops | variant | ms (graph replay) | floor ms | max abs diff vs transformers |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['crops']} | {r['variant']} | {r['ms']:.3f} | {r['floor_ms']:.3f} | "
+              f"{r['max_abs_diff_vs_transformers']:.4f} (of {r['ref_abs_max']:.2f}) |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
