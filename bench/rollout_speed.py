@@ -165,16 +165,62 @@ def token_agreement(fast: RequestEngine, eager: RequestEngine, space: KnobSpace,
                             return_logits=True)
             b = fast.serve(image, q, 1000.0, None, fixed=fixed, max_new_tokens=tokens, stop_at_eos=False,
                            return_logits=True)
+            c = fast.serve(image, q, 1000.0, None, fixed=fixed, max_new_tokens=tokens, stop_at_eos=False)
             same = a.answer_ids == b.answer_ids
             first = next((j for j, (x, y) in enumerate(zip(a.answer_ids, b.answer_ids)) if x != y), None)
             upto = len(a.answer_ids) if first is None else first + 1
             diffs = [float((x - y).abs().max()) for x, y in zip(a.step_logits[:upto], b.step_logits[:upto])]
             top2 = torch.topk(a.step_logits[0], 2).values
             out.append({"prompt": i, "knobs": str(fixed), "same_tokens": same, "first_divergence": first,
+                        "device_loop_same_as_host_loop": c.answer_ids == b.answer_ids,
                         "max_logit_diff_until_divergence": max(diffs), "first_step_top2_margin": float(top2[0] - top2[1])})
             print(f"tokens prompt {i} {fixed.top_k}/{fixed.num_blocks}: same={same} first_div={first} "
+                  f"device-loop={c.answer_ids == b.answer_ids} "
                   f"max|dlogit|={max(diffs):.4f} margin0={out[-1]['first_step_top2_margin']:.4f}", flush=True)
     return out
+
+
+def group_throughput(model, pre, space: KnobSpace, importance, executor, ctl: TwoStageController, image: bytes,
+                     groups: int, group_size: int, tokens: int) -> dict:
+    """Rollouts/s as a training worker produces them: groups of G controlled requests (budget token, Stage2
+    sync) on one image, preprocessing shared within a group (decoded once, its time charged to each
+    rollout), a fresh bytes object per group so every group decodes; high tier, 8/16, p = 1 fixed."""
+    engine = RequestEngine(model, pre, space, importance, executor=executor, reuse_preprocess=True)
+    fixed = KnobChoice("high", space.tier_max_crops[-1], 1, 8, 16)
+
+    def run_groups(n):
+        lat = []
+        for _ in range(n):
+            img = bytes(bytearray(image))
+            for _ in range(group_size):
+                r = engine.serve(img, QUESTION, 1000.0, ctl, fixed=fixed, max_new_tokens=tokens, stop_at_eos=False)
+                lat.append(r.latency_ms)
+        return lat
+    run_groups(1)
+    t0 = time.perf_counter()
+    lat = run_groups(groups)
+    wall = time.perf_counter() - t0
+    return {"groups": groups, "group_size": group_size, "rollouts": len(lat), "wall_s": wall,
+            "rollouts_per_s": len(lat) / wall, "latency_ms_median": statistics.median(lat),
+            "latency_ms_mean": statistics.mean(lat), "knobs": str(fixed)}
+
+
+def token_agreement_float32(device, pre, space: KnobSpace, importance, args) -> list:
+    """The token check in float32 on one full-size random model shared by both engines (bf16 rounding
+    noise can flip near-ties of random weights; float32 shows whether the engines compute the same
+    function). The fast engine runs uncompiled and without graphs here (same kernels and maths as
+    deployed, without the compiler's fusion): compiled grouped GEMMs exist only in bf16."""
+    from rollout_workers.molmoe.loader import random_full_size
+    model = random_full_size(device, torch.float32, seed=0).eval()
+    fast_exec = FastEngine(model, max_len=args.max_len, top_k_max=max(space.top_ks), use_graphs=False, compile=False)
+    fast = RequestEngine(model, pre, space, importance, executor=fast_exec)
+    eager = RequestEngine(model, pre, space, importance, executor=EagerEngine(model))
+    print(f"float32 token check: grouped GEMMs {fast_exec.shape.grouped}, Triton {fast_exec.triton}", flush=True)
+    res = token_agreement(fast, eager, space, args.prompts, args.tokens)
+    del fast, eager, fast_exec, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
 
 
 def controller_ab(engine: RequestEngine, ctl: TwoStageController, image: bytes, pairs: int, tokens: int) -> dict:
@@ -227,6 +273,10 @@ def main() -> int:
                     help="fast engine decode through the Triton kernels (auto) or the generic grouped-GEMM path")
     ap.add_argument("--ab-only", action="store_true",
                     help="warm-up, graph-capture check and the controller A/B only (no setting sweep, no eager)")
+    ap.add_argument("--groups", type=int, default=6, help="GRPO groups timed for the training rollout rate")
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--float32-check", action="store_true",
+                    help="also the fast-vs-eager token check in float32 (one shared full-size model, ~30 GB)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -292,6 +342,13 @@ def main() -> int:
     warm["triton"] = fast_exec.triton
     out.update({"fast_warmup": warm, "fast": fast_rows, "controller_ab_fast": ab})
     save()
+    gt = group_throughput(model, pre, space, importance, fast_exec, ctl, image, args.groups, args.group_size,
+                          args.tokens)
+    print(f"training rollouts (groups of {gt['group_size']}, shared preprocessing, controlled path, {gt['knobs']}): "
+          f"{gt['rollouts_per_s']:.1f} rollouts/s over {gt['rollouts']} rollouts; latency median "
+          f"{gt['latency_ms_median']:.2f} ms", flush=True)
+    out["group_throughput"] = gt
+    save()
 
     # ---------------- eager engine (same weights in a second copy) and token agreement
     eager_rows, agreement = [], []
@@ -306,6 +363,19 @@ def main() -> int:
         eager_model.connector.to(torch.bfloat16)
         agreement = token_agreement(fast, eager, space, args.prompts, args.tokens)
     out.update({"eager": eager_rows, "token_agreement": agreement})
+    save()
+    if args.float32_check:
+        if not args.skip_eager and not args.ab_only:
+            del eager, eager_model
+        del fast, fast_exec, model
+        gc.collect()
+        torch.cuda.empty_cache()
+        try:
+            out["token_agreement_float32"] = token_agreement_float32(device, pre, space, importance, args)
+        except torch.OutOfMemoryError as exc:
+            out["token_agreement_float32"] = f"out of memory: {exc}"[:300]
+            print(out["token_agreement_float32"], flush=True)
+        save()
 
     # ---------------- floors and the table
     bw, rate = rates["bandwidth_bytes_per_s"], rates["matmul_flop_per_s"]

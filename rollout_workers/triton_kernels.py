@@ -15,12 +15,6 @@ whole preallocated cache. These kernels do the same maths for one token:
   (split over position chunks, then combined); chunks beyond ``pos`` read nothing, so the cost follows
   the sequence length rather than the cache size.
 
-for the vision tower:
-
-* :func:`linear_quick_gelu` — ``quick_gelu(x @ w^T + b)`` (CLIP's MLP up-projection and activation) as
-  one tiled GEMM with the bias and activation applied to the float32 accumulator: cuBLAS has no
-  quick-GELU epilogue, and a separate pass reads and writes the whole [rows, 4096] activation again.
-
 and for the prefill:
 
 * :func:`qkv_rope_cache` — the attention's input epilogue: q/k RMS norms (over all heads, as OLMoE),
@@ -242,77 +236,6 @@ if HAVE_TRITON:
                 w, idx, x, out, stride, N=N, K=K, E=E, BLOCK_N=bn, BLOCK_K=bk, EVEN=N % bn == 0 and K % bk == 0,
                 num_warps=nw, num_stages=ns)
         return out
-
-    # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) for the autotuner (first call per row-count
-    # bucket and (N, K), at the engine's warm-up)
-    GEMM_CONFIGS = [(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3),
-                    (256, 128, 64, 8, 8, 3), (128, 256, 32, 8, 8, 4), (64, 256, 64, 8, 4, 4)]
-    GEMM_FIXED = (32, 32, 32, 4, 4, 1) if os.environ.get("TRITON_INTERPRET") == "1" else None
-
-    @triton.jit
-    def _linear_quick_gelu_body(x_ptr, w_ptr, b_ptr, out_ptr, M, M_BUCKET, N: tl.constexpr, K: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-        # grouped program order: GROUP_M row tiles share each column tile while it is in L2
-        pid = tl.program_id(0)
-        n_m = tl.cdiv(M, BLOCK_M)
-        n_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-        per_group = GROUP_M * n_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = tl.minimum(n_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
-        w_ptrs = w_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]          # [BLOCK_K, BLOCK_N] of w^T
-        m_ok = rm[:, None] < M
-        n_ok = rn[None, :] < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(x_ptrs, mask=m_ok, other=0.0)
-                b = tl.load(w_ptrs, mask=n_ok, other=0.0)
-            else:
-                a = tl.load(x_ptrs, mask=m_ok & (k0 + rk[None, :] < K), other=0.0)
-                b = tl.load(w_ptrs, mask=n_ok & (k0 + rk[:, None] < K), other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-        y = acc + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        y = y * tl.sigmoid(1.702 * y)
-        tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=m_ok & n_ok)
-
-    _linear_quick_gelu_kernel = triton.autotune(
-        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=nw,
-                               num_stages=ns) for bm, bn, bk, g, nw, ns in GEMM_CONFIGS],
-        key=["M_BUCKET", "N", "K"])(triton.heuristics(
-            {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_linear_quick_gelu_body))
-
-    @triton_op("budget_ctl::linear_quick_gelu", mutates_args=())
-    def linear_quick_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """x [..., K], w [N, K], b [N] -> quick_gelu(x @ w^T + b) = y * sigmoid(1.702 y) [..., N] in x's
-        dtype: float32 accumulation, bias and activation on the accumulator, one rounding (true float32
-        products for float32 inputs, no TF32)."""
-        K = x.shape[-1]
-        N = w.shape[0]
-        x2 = x.reshape(-1, K).contiguous()
-        w, b = w.contiguous(), b.contiguous()
-        M = x2.shape[0]
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        precision = "ieee" if x.dtype == torch.float32 else "tf32"      # (ignored for 16-bit inputs)
-        if GEMM_FIXED is None:
-            wrap_triton(_linear_quick_gelu_kernel)[
-                lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
-                x2, w, b, out, M, triton.next_power_of_2(max(M, 1)), N=N, K=K, PRECISION=precision)
-        else:
-            bm, bn, bk, g, nw, ns = GEMM_FIXED
-            wrap_triton(_linear_quick_gelu_body)[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
-                x2, w, b, out, M, triton.next_power_of_2(max(M, 1)), N=N, K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                GROUP_M=g, EVEN_K=K % bk == 0, PRECISION=precision, num_warps=nw, num_stages=ns)
-        return out.view(*x.shape[:-1], N)
 
     ATTN_CHUNK = 32         # positions per split program (bench/triton_kernels_tune.py)
 

@@ -141,6 +141,39 @@ def test_masked_top_k_moe_equals_the_transformers_block(tmp_path, k):
     torch.testing.assert_close(got.view(1, 9, -1), want, atol=1e-6, rtol=1e-5)
 
 
+def check_vision_layer(device: str, dtype: torch.dtype, n: int, S: int, width: int, heads: int, mlp: int,
+                       tol: float) -> float:
+    """fast_engine.vision_layer (stacked q/k/v, the engine's attention backends) against transformers'
+    CLIPEncoderLayer with the same weights; returns the worst |diff|."""
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    from rollout_workers.fast_engine import vision_attention_backends, vision_layer, vision_layer_weights
+    from rollout_workers.molmoe.config import MolmoeConfig
+    from rollout_workers.molmoe.modeling import clip_vision_config
+    vc = clip_vision_config(MolmoeConfig.tiny())
+    vc.hidden_size, vc.num_attention_heads, vc.intermediate_size = width, heads, mlp
+    vc._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    layer = CLIPEncoderLayer(vc).to(device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.02 if p.dim() > 1 else 0.1)
+        x = torch.randn(n, S, width, device=device, dtype=dtype)
+        ref = layer(x, None)
+        ref = ref[0] if isinstance(ref, tuple) else ref
+        with vision_attention_backends(torch.device(device)):
+            got = vision_layer(vision_layer_weights(layer), x, heads, vc.layer_norm_eps)
+        # the stacked q/k/v are views: the transformers layer still computes the same
+        again = layer(x, None)
+    torch.testing.assert_close(again[0] if isinstance(again, tuple) else again, ref)
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+    return float((got.float() - ref.float()).abs().max())
+
+
+def test_vision_layer_equals_the_transformers_clip_layer():
+    assert check_vision_layer("cpu", torch.float32, n=3, S=17, width=32, heads=2, mlp=64, tol=1e-5) < 1e-5
+
+
 def test_top_k_above_the_engines_maximum_is_refused(cpu_engines):
     _, _, fast_exec, _, _ = cpu_engines
     with pytest.raises(ValueError, match="top_k_max"):
@@ -197,6 +230,14 @@ def test_fast_engine_with_cuda_graphs_equals_eager(tmp_path):
     _check_device_greedy_loop(eager, fast, fast_exec, ctl, _choices(space, 1, seed=8))
     assert fast_exec.captures_after_warmup == 0
     print(f"max |logit diff| fast (graphs) vs eager on CUDA, float32 tiny: {worst:.2e}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_vision_layer_at_full_size_on_cuda(dtype, tol):
+    worst = check_vision_layer("cuda", dtype, n=13, S=577, width=1024, heads=16, mlp=4096, tol=tol)
+    print(f"vision layer {dtype}: max |diff| vs transformers {worst:.2e}")
 
 
 def test_backend_with_the_fast_engine_serves_the_embedded_default():
