@@ -36,7 +36,7 @@ from rollout_workers.molmoe.preprocessing import MolmoPreprocessor  # noqa: E402
 from rollout_workers.molmoe_backend import word_level_tokenizer  # noqa: E402
 from rollout_workers.request_path import SEGMENT_ORDER, RequestEngine  # noqa: E402
 from shared.controller import TwoStageController  # noqa: E402
-from shared.knobs import ImportanceScores, KnobChoice, KnobSpace, select_blocks  # noqa: E402
+from shared.knobs import ImportanceScores, KnobChoice, KnobSpace  # noqa: E402
 
 QUESTION = "what colour is the small circle in the top left corner of the picture"
 SETTINGS = ((8, 16), (6, 14), (4, 12))

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from rollout_workers.molmoe.config import MolmoeConfig
 from rollout_workers.molmoe.loader import load_molmoe
 from rollout_workers.molmoe.make_tiny_checkpoint import make_tiny_checkpoint
 from rollout_workers.request_path import SEGMENT_ORDER, RequestEngine
