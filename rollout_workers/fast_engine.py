@@ -30,7 +30,6 @@ engine there).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Mapping, NamedTuple, Optional, Sequence
@@ -280,21 +279,6 @@ def vision_layer(w: VisionLayerWeights, x: torch.Tensor, heads: int, eps: float)
     x = x + F.linear(a.transpose(1, 2).reshape(n, S, width), w.wo, w.bo)
     u = F.linear(F.layer_norm(x, (width,), w.ln2_w, w.ln2_b, eps), w.w1, w.b1)
     return x + F.linear(u * torch.sigmoid(1.702 * u), w.w2, w.b2)
-
-
-def vision_attention_backends(device: torch.device):
-    """Context for the vision tower's SDPA calls: on CUDA, cuDNN's attention first (13 crops x 577
-    positions x 16 heads on an H100: 65 µs per layer against 89 µs for flash attention,
-    bench/vision_speed.py), then flash, memory-efficient and math as fallbacks. Entered around the
-    calls that compile and capture the tower, since the compiled graph fixes the backend when traced."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    try:
-        return sdpa_kernel(order, set_priority=True)
-    except TypeError:                          # torch without backend priorities: its default order
-        return contextlib.nullcontext()
 
 
 # ================================================================================ the engine
@@ -550,7 +534,7 @@ class FastEngine:
                 self._decode_fn(self.weights[0], self.shape, self._x, self._pos, self._cos, self._sin, self._mask,
                                 self.k_cache[0], self.v_cache[0], self._top_k[0])
                 for n in (2, 3):
-                    self._run_vision(torch.zeros(n, self.cfg.patches_per_crop, self.cfg.patch_dim, device=self.device,
+                    self._vision_fn(torch.zeros(n, self.cfg.patches_per_crop, self.cfg.patch_dim, device=self.device,
                                                  dtype=self.dtype),
                                      torch.ones(n, self.cfg.patches_per_crop, device=self.device, dtype=self.dtype))
             except Exception as exc:     # no compiler toolchain, unsupported op: run the same functions eagerly
@@ -659,10 +643,6 @@ class FastEngine:
         return self.model.encode_images(images, image_masks,
                                         layer_fn=lambda i, h: vision_layer(self.vision_weights[i], h, heads, eps))
 
-    def _run_vision(self, images: torch.Tensor, image_masks: Optional[torch.Tensor]) -> torch.Tensor:
-        with vision_attention_backends(self.device):
-            return self._vision_fn(images, image_masks)
-
     def _encode_images(self, images: torch.Tensor, image_masks: Optional[torch.Tensor]) -> torch.Tensor:
         """[n_crops, n_patches, patch_dim] -> [n_crops, tokens_per_crop, d_model], replaying the crop
         count's graph when there is one (a mask is always passed inside graphs: ones when absent)."""
@@ -671,7 +651,7 @@ class FastEngine:
         if image_masks is not None and image_masks.dim() == 3 and image_masks.shape[0] == 1:
             image_masks = image_masks[0]
         if not self.use_graphs or image_masks is None:
-            return self._run_vision(images, image_masks)
+            return self._vision_fn(images, image_masks)
         g, x_in, m_in, out = self._vision_graph(images.shape[0])   # captured at warm-up for every count
         x_in.copy_(images)
         m_in.copy_(image_masks)
@@ -685,6 +665,6 @@ class FastEngine:
         x_in = torch.zeros(n, cfg.patches_per_crop, cfg.patch_dim, device=self.device, dtype=self.dtype)
         m_in = torch.ones(n, cfg.patches_per_crop, device=self.device, dtype=self.dtype)
         out = torch.zeros(n, cfg.tokens_per_crop, cfg.d_model, device=self.device, dtype=self.dtype)
-        g = self._capture(lambda: out.copy_(self._run_vision(x_in, m_in)))
+        g = self._capture(lambda: out.copy_(self._vision_fn(x_in, m_in)))
         self._vision[n] = (g, x_in, m_in, out)
         return self._vision[n]

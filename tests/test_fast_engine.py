@@ -143,11 +143,11 @@ def test_masked_top_k_moe_equals_the_transformers_block(tmp_path, k):
 
 def check_vision_layer(device: str, dtype: torch.dtype, n: int, S: int, width: int, heads: int, mlp: int,
                        tol: float) -> float:
-    """fast_engine.vision_layer (stacked q/k/v, the engine's attention backends) against transformers'
-    CLIPEncoderLayer with the same weights; returns the worst |diff|."""
+    """fast_engine.vision_layer (stacked q/k/v) against transformers' CLIPEncoderLayer with the same
+    weights; returns the worst |diff|."""
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-    from rollout_workers.fast_engine import vision_attention_backends, vision_layer, vision_layer_weights
+    from rollout_workers.fast_engine import vision_layer, vision_layer_weights
     from rollout_workers.molmoe.config import MolmoeConfig
     from rollout_workers.molmoe.modeling import clip_vision_config
     vc = clip_vision_config(MolmoeConfig.tiny())
@@ -161,8 +161,7 @@ def check_vision_layer(device: str, dtype: torch.dtype, n: int, S: int, width: i
         x = torch.randn(n, S, width, device=device, dtype=dtype)
         ref = layer(x, None)
         ref = ref[0] if isinstance(ref, tuple) else ref
-        with vision_attention_backends(torch.device(device)):
-            got = vision_layer(vision_layer_weights(layer), x, heads, vc.layer_norm_eps)
+        got = vision_layer(vision_layer_weights(layer), x, heads, vc.layer_norm_eps)
         # the stacked q/k/v are views: the transformers layer still computes the same
         again = layer(x, None)
     torch.testing.assert_close(again[0] if isinstance(again, tuple) else again, ref)
