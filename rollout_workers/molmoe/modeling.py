@@ -151,7 +151,7 @@ class MolmoeModel(nn.Module):
         official code). image_masks: [n_crops, n_patches] or None.
         Returns [n_crops, tokens_per_crop, d_model] in the vision dtype.
         layer_fn(i, hidden) -> hidden runs ViT layer i instead of the transformers module (the fast
-        engine's fused layers); hidden is [n_crops, 1 + n_patches, width].
+        engine's ``vision_layer``); hidden is [n_crops, 1 + n_patches, width].
         """
         cfg = self.config
         if images.dim() == 4 and images.shape[0] == 1:
