@@ -303,7 +303,7 @@ class FastEngine:
 
     name = "fast"
 
-    def __init__(self, model, *, max_len: int = 2048, prefill_bucket: int = 128, use_graphs: Optional[bool] = None,
+    def __init__(self, model, *, max_len: int = 2048, prefill_bucket: int = 64, use_graphs: Optional[bool] = None,
                  compile: Optional[bool] = None, top_k_max: Optional[int] = None, pad_prefill: Optional[bool] = None,
                  triton: Optional[bool] = None):
         self.model = model.eval()

@@ -73,8 +73,8 @@ class ModelConfig:
                                              "GEMVs over the selected experts, attention up to the current position) and the "
                                              "prefill's norm/RoPE/cache epilogue; 'auto' = when CUDA and Triton are there",
                           choices=["auto", "on", "off"])
-    fast_prefill_bucket: int = _f(128, doc="fast engine: prompts are padded to a multiple of this many positions "
-                                            "(one prefill graph per block and length bucket)", lo=1, hi=1 << 20)
+    fast_prefill_bucket: int = _f(64, doc="fast engine: prompts are padded to a multiple of this many positions "
+                                           "(one prefill graph per block and length bucket)", lo=1, hi=1 << 20)
     reuse_group_preprocess: bool = _f(True, doc="a group's G rollouts share one image decode and crop cut (same "
                                                 "bytes and question); each is charged the time it measured")
     dtype: str = _f("float32", doc="model dtype", choices=["float32", "bfloat16", "float16"])
