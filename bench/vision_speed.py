@@ -9,6 +9,8 @@ layers' (compiled the same way):
 
 * ``transformers``: the model's ``encode_images`` with transformers' CLIPEncoderLayer;
 * ``stacked``: ``fast_engine.vision_layer`` (one q/k/v GEMM); flash attention in both;
+* ``stacked-mlpN``: ``stacked`` with the MLP over N row slices (``mlp_row_chunks``: a slice's
+  [rows, 4096] activation can stay in L2 between the GEMMs and the quick-GELU pass);
 * ``stacked+cudnn``: the same compiled and captured with only cuDNN's attention enabled (eagerly
   it is faster than flash attention at these shapes; inside the compiled, captured tower it changed
   nothing on an H100, so the engine does not select it).
@@ -61,6 +63,11 @@ def main() -> int:
     ap.add_argument("--out", default="runs/bench/vision_speed.json")
     ap.add_argument("--crops", type=int, nargs="+", default=[13, 7, 3])
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--mlp-row-chunks", type=int, nargs="*", default=[2, 4],
+                    help="also time vision_layer with its MLP over this many row slices (L2 reuse)")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="only these variants (transformers, stacked, stacked+cudnn, stacked-mlpN; default: all); "
+                         "the first one run is the reference of the diff column")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -83,10 +90,19 @@ def main() -> int:
     def stacked(imgs, masks):
         return model.encode_images(imgs, masks,
                                    layer_fn=lambda i, h: vision_layer(eng.vision_weights[i], h, heads, eps))
+
+    def mlp_chunked(chunks):
+        def f(imgs, masks):
+            return model.encode_images(imgs, masks, layer_fn=lambda i, h: vision_layer(
+                eng.vision_weights[i], h, heads, eps, mlp_row_chunks=chunks))
+        return f
     # (name, function, SDPA backend context entered around compile, capture and calls)
     variants = [("transformers", model.encode_images, lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])),
                 ("stacked", stacked, lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])),
                 ("stacked+cudnn", stacked, lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION]))]
+    variants += [(f"stacked-mlp{c}", mlp_chunked(c), lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]))
+                 for c in args.mlp_row_chunks]
+    variants = [v for v in variants if not args.variants or v[0] in args.variants]
     S, Dv, Fv = cfg.patches_per_crop + 1, cfg.vit_hidden_size, cfg.vit_mlp_size
     n_vit = max(cfg.vit_block_indices) + 1
     rows, out = [], {"card": card, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,

@@ -269,16 +269,28 @@ def vision_layer_weights(layer) -> VisionLayerWeights:
                               mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
 
 
-def vision_layer(w: VisionLayerWeights, x: torch.Tensor, heads: int, eps: float) -> torch.Tensor:
+def vision_layer(w: VisionLayerWeights, x: torch.Tensor, heads: int, eps: float,
+                 mlp_row_chunks: int = 1) -> torch.Tensor:
     """CLIP's pre-LayerNorm encoder layer (no mask, non-causal, quick-GELU MLP), as transformers runs
-    it but with one stacked q/k/v GEMM. x [n_crops, S, width] -> [n_crops, S, width]."""
+    it but with one stacked q/k/v GEMM. x [n_crops, S, width] -> [n_crops, S, width].
+
+    mlp_row_chunks > 1 runs the MLP over that many slices of the n_crops * S rows, so that one slice's
+    [rows, mlp] activation can stay in the GPU's L2 cache between the up-projection, the activation and
+    the down-projection (same maths, row by row)."""
     n, S, width = x.shape
     h = F.layer_norm(x, (width,), w.ln1_w, w.ln1_b, eps)
     q, k, v = F.linear(h, w.wqkv, w.bqkv).view(n, S, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
     a = F.scaled_dot_product_attention(q, k, v)          # scale head_dim^-0.5, CLIP's
     x = x + F.linear(a.transpose(1, 2).reshape(n, S, width), w.wo, w.bo)
-    u = F.linear(F.layer_norm(x, (width,), w.ln2_w, w.ln2_b, eps), w.w1, w.b1)
-    return x + F.linear(u * torch.sigmoid(1.702 * u), w.w2, w.b2)
+    h = F.layer_norm(x, (width,), w.ln2_w, w.ln2_b, eps)
+    if mlp_row_chunks <= 1:
+        u = F.linear(h, w.w1, w.b1)
+        return x + F.linear(u * torch.sigmoid(1.702 * u), w.w2, w.b2)
+    outs = []
+    for part in h.reshape(n * S, width).chunk(mlp_row_chunks, dim=0):
+        u = F.linear(part, w.w1, w.b1)
+        outs.append(F.linear(u * torch.sigmoid(1.702 * u), w.w2, w.b2))
+    return x + torch.cat(outs, dim=0).view(n, S, width)
 
 
 # ================================================================================ the engine

@@ -142,7 +142,7 @@ def test_masked_top_k_moe_equals_the_transformers_block(tmp_path, k):
 
 
 def check_vision_layer(device: str, dtype: torch.dtype, n: int, S: int, width: int, heads: int, mlp: int,
-                       tol: float) -> float:
+                       tol: float, mlp_row_chunks: int = 1) -> float:
     """fast_engine.vision_layer (stacked q/k/v) against transformers' CLIPEncoderLayer with the same
     weights; returns the worst |diff|."""
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
@@ -161,7 +161,7 @@ def check_vision_layer(device: str, dtype: torch.dtype, n: int, S: int, width: i
         x = torch.randn(n, S, width, device=device, dtype=dtype)
         ref = layer(x, None)
         ref = ref[0] if isinstance(ref, tuple) else ref
-        got = vision_layer(vision_layer_weights(layer), x, heads, vc.layer_norm_eps)
+        got = vision_layer(vision_layer_weights(layer), x, heads, vc.layer_norm_eps, mlp_row_chunks=mlp_row_chunks)
         # the stacked q/k/v are views: the transformers layer still computes the same
         again = layer(x, None)
     torch.testing.assert_close(again[0] if isinstance(again, tuple) else again, ref)
@@ -169,8 +169,11 @@ def check_vision_layer(device: str, dtype: torch.dtype, n: int, S: int, width: i
     return float((got.float() - ref.float()).abs().max())
 
 
-def test_vision_layer_equals_the_transformers_clip_layer():
-    assert check_vision_layer("cpu", torch.float32, n=3, S=17, width=32, heads=2, mlp=64, tol=1e-5) < 1e-5
+@pytest.mark.parametrize("mlp_row_chunks", [1, 4])
+def test_vision_layer_equals_the_transformers_clip_layer(mlp_row_chunks):
+    # 4 slices of 51 rows: unequal slices (13, 13, 13, 12) are covered too
+    assert check_vision_layer("cpu", torch.float32, n=3, S=17, width=32, heads=2, mlp=64, tol=1e-5,
+                              mlp_row_chunks=mlp_row_chunks) < 1e-5
 
 
 def test_top_k_above_the_engines_maximum_is_refused(cpu_engines):
