@@ -276,7 +276,8 @@ def vision_layer(w: VisionLayerWeights, x: torch.Tensor, heads: int, eps: float,
 
     mlp_row_chunks > 1 runs the MLP over that many slices of the n_crops * S rows, so that one slice's
     [rows, mlp] activation can stay in the GPU's L2 cache between the up-projection, the activation and
-    the down-projection (same maths, row by row)."""
+    the down-projection (same maths, row by row). Measured on an H100 it did not pay (docs/PERFORMANCE.md):
+    the engine uses 1; bench/vision_speed.py keeps the variants."""
     n, S, width = x.shape
     h = F.layer_norm(x, (width,), w.ln1_w, w.ln1_b, eps)
     q, k, v = F.linear(h, w.wqkv, w.bqkv).view(n, S, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
