@@ -11,6 +11,8 @@ Pure module: no Ray, no model, no torch.
 """
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import math
@@ -164,11 +166,17 @@ def select_blocks(p: int, num_blocks: int, importance: Sequence[float]) -> list[
     Returns:
         Sorted block indices, length num_blocks.
     """
+    return list(_select_blocks(int(p), int(num_blocks), tuple(importance)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _select_blocks(p: int, num_blocks: int, importance: tuple) -> tuple[int, ...]:
+    """select_blocks, memoised: it runs between the prefix and the rest of the prefill, while the GPU waits."""
     num_layers = len(importance)
     if not 1 <= p < num_blocks <= num_layers:
         raise KnobError(f"need 1 <= p < num_blocks <= {num_layers}, got p={p}, num_blocks={num_blocks}")
     rest = sorted(range(p, num_layers), key=lambda i: (-importance[i], i))[: num_blocks - p]
-    return list(range(p)) + sorted(rest)
+    return tuple(range(p)) + tuple(sorted(rest))
 
 
 @dataclass(frozen=True)

@@ -236,6 +236,27 @@ def test_fast_engine_with_cuda_graphs_equals_eager(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampled_controller_path_on_cuda_same_with_and_without_spin_and_prewarm(tmp_path):
+    """On CUDA the latency token comes back through pinned memory and an event (polled, or waited on), with
+    Stage2 pre-warmed while the GPU works: the same knobs, log-probs, recorded state and tokens either way,
+    and the same as the eager engine."""
+    eager, fast, fast_exec, space, ctl = _setup("cuda", tmp_path, max_len=512, use_graphs=False, compile=False)
+    image = _png(200, 100, seed=2)
+    for seed in range(3):
+        runs = []
+        for engine, spin, warm in ((fast, True, True), (fast, False, False), (eager, True, True)):
+            engine.spin_wait, engine.prewarm_stage2 = spin, warm
+            runs.append(engine.serve(image, QUESTION, 250.0, ctl, generator=torch.Generator().manual_seed(seed),
+                                     max_new_tokens=4))
+        for r in runs[1:]:
+            assert r.knobs == runs[0].knobs
+            assert (r.top_k, r.num_blocks, r.tier, r.p) == (runs[0].top_k, runs[0].num_blocks, runs[0].tier, runs[0].p)
+        np.testing.assert_array_equal(runs[0].stage2.latency_state, runs[1].stage2.latency_state)
+        assert runs[0].answer_ids == runs[1].answer_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
 def test_vision_layer_at_full_size_on_cuda(dtype, tol):
     worst = check_vision_layer("cuda", dtype, n=13, S=577, width=1024, heads=16, mlp=4096, tol=tol)

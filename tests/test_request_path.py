@@ -16,7 +16,7 @@ from rollout_workers.request_path import SEGMENT_ORDER, RequestEngine
 from rollout_workers.timers import SegmentTimer, timer_overhead_us
 from shared.backend import SampleError
 from shared.controller import TwoStageController
-from shared.knobs import ImportanceScores, KnobChoice, KnobSpace, select_blocks
+from shared.knobs import ImportanceScores, KnobChoice, KnobError, KnobSpace, select_blocks
 
 QUESTION = "what colour is the small circle"
 
@@ -158,6 +158,24 @@ def test_timer_segments_and_overhead():
     seg = t.finish()
     assert set(seg) == {"a", "b"} and abs(sum(seg.values()) - t.total_ms()) < 1e-9
     assert 0 < timer_overhead_us("cpu", 200) < 1000
+
+
+def test_timer_runs_while_waiting_only_on_a_gpu():
+    """On CPU the work is done when elapsed_ms is called: there is no wait to overlap."""
+    calls = []
+    t = SegmentTimer("cpu")
+    t.elapsed_ms(spin=True, while_waiting=lambda: calls.append(1))
+    assert calls == []
+
+
+def test_select_blocks_memo_returns_fresh_lists():
+    scores = (0.1, 0.9, 0.5, 0.7, 0.2)
+    a = select_blocks(1, 3, scores)
+    a.append(99)
+    assert select_blocks(1, 3, scores) == [0, 1, 3]
+    assert select_blocks(1, 3, [0.1, 0.9, 0.5, 0.7, 0.2]) == [0, 1, 3]       # a list of the same scores
+    with pytest.raises(KnobError):
+        select_blocks(3, 3, scores)
 
 
 def test_engine_refuses_mismatched_space(tiny):
