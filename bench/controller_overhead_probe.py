@@ -16,11 +16,12 @@ the points where the GPU waits for the host:
   of the prefill is queued. GPU bubble = the time between the two events; the host's share of it starts when
   the copy returns.
 
-Three host paths, interleaved request by request: ``blocking`` (the request path before this probe: a pageable
-copy of the budget token, ``.cpu()`` of the latency token, then the timer's own event synchronisation),
-``pinned+spin`` (pinned buffers, queued copies, one event polled by the host) and ``pinned+spin+prewarm``
-(the request path since: the same, and Stage2's maths run once on placeholder features while the GPU still
-works, so that the real call runs with its weights in the host's caches). Also the controller's calls in tight loops (the host's
+Three ways of reading the latency token back, interleaved request by request: ``blocking`` (the request path
+before this probe: ``.cpu()``, then the timer's own event synchronisation for the spent fraction),
+``pinned+spin`` (the request path since, `RequestEngine._latency_state_and_elapsed`: a copy into pinned memory
+queued before the timer's event, which the host polls: one wait) and ``pinned+block`` (the same, blocking on
+the event). (The H100 JSONs in docs/bench came from earlier versions of this script, named in
+docs/PERFORMANCE.md.) Also the controller's calls in tight loops (the host's
 speed without a GPU wait before each call). Prints a table of median microseconds per step and writes JSON.
 """
 from __future__ import annotations
@@ -34,7 +35,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -127,7 +127,7 @@ def main() -> int:
               "select_blocks_us": loop_us(lambda: select_blocks(p, max(space.num_blocks), imp.scores)),
               "select_blocks_uncached_us": loop_us(lambda: sorted(range(p, L), key=lambda b: (-imp.scores[b], b)))}
     print("steady state (tight loops):", {k: round(v, 1) for k, v in steady.items()}, flush=True)
-    variants = ("blocking", "pinned+spin", "pinned+spin+prewarm")
+    variants = ("blocking", "pinned+spin", "pinned+block")
     rows: list[dict] = []
     for i in range(3 * args.requests + 10):
         variant = variants[i % 3]
@@ -143,10 +143,7 @@ def main() -> int:
         h1 = now()
         tok_host = ctl.budget_token_embedding(budget_ms)
         h2 = now()
-        if variant == "blocking":           # the request path before this probe
-            budget_tok = tok_host.to(device=dev, dtype=model.dtype)
-        else:
-            budget_tok = eng._budget_token_to_device(tok_host)
+        budget_tok = tok_host.to(device=dev, dtype=model.dtype)
         h3 = now()
         e2 = Event(enable_timing=True)
         e2.record()
@@ -166,13 +163,8 @@ def main() -> int:
             state = state.float().numpy().copy()
             spent = timer.elapsed_ms() / budget_ms
         else:
-            warm = None
-            if variant.endswith("prewarm"):      # as RequestEngine.serve does
-                guess = Stage2Features(latency_state=np.zeros(cfg.d_model, dtype=np.float32), p_idx=0,
-                                       vision_tokens=tier_tokens[-1], spent_frac=0.0,
-                                       nb_mask=space.num_blocks_feasible(p))
-                warm = lambda: ctl.prewarm_stage2(budget_ms, guess)   # noqa: E731
-            state, elapsed = eng._latency_state_and_elapsed(h[0, -1], timer, while_waiting=warm)
+            eng.spin_wait = variant == "pinned+spin"
+            state, elapsed = eng._latency_state_and_elapsed(h[0, -1], timer)
             h5 = now()
             spent = elapsed / budget_ms
         h6 = now()

@@ -96,12 +96,10 @@ class RequestEngine:
             (benchmarks time every request's preprocessing afresh); rollout workers turn it on.
         spin_wait: on CUDA, wait for the latency token by polling an event (the host stays awake and
             Stage2 starts at once) rather than blocking in the driver.
-        prewarm_stage2: on CUDA, while the GPU runs the vision encoder and the prefix, run the
-            controller's Stage2 maths once on placeholder features so the real decision runs cache-warm.
     """
 
     def __init__(self, model, preprocessor, space: KnobSpace, importance: ImportanceScores, executor=None,
-                 reuse_preprocess: bool = False, spin_wait: bool = True, prewarm_stage2: bool = True):
+                 reuse_preprocess: bool = False, spin_wait: bool = True):
         cfg = model.config
         if (space.num_layers, space.num_experts, space.native_top_k) != (cfg.n_layers, cfg.num_experts, cfg.top_k):
             raise ValueError(f"knob space is for {space.num_layers} blocks x {space.num_experts} experts (native top_k "
@@ -118,7 +116,6 @@ class RequestEngine:
         self.executor = executor if executor is not None else EagerEngine(model)
         self.reuse_preprocess = bool(reuse_preprocess)
         self.spin_wait = bool(spin_wait)
-        self.prewarm_stage2 = bool(prewarm_stage2)
         self._pinned_bufs: dict[str, torch.Tensor] = {}
         self._memo: Optional[_PreprocessMemo] = None
         self.preprocess_reused = 0          # requests that reused a memo (part 1), for reports
@@ -140,29 +137,19 @@ class RequestEngine:
         return float(w.float().pow(2).mean().sqrt())
 
     def _pinned(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """A page-locked host buffer shaped like `like`, kept per name (copies to and from it can be queued
-        without blocking the host). Reused by the next request: serve() ends with a synchronisation."""
+        """A page-locked host buffer shaped like `like`, kept per name (a copy into it can be queued without
+        blocking the host). Reused by the next request: serve() ends with a synchronisation."""
         buf = self._pinned_bufs.get(name)
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
             buf = self._pinned_bufs[name] = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
         return buf
 
-    def _budget_token_to_device(self, tok: torch.Tensor) -> torch.Tensor:
-        """The budget token [D] (host, float32) on the device in the model's dtype. On CUDA through a pinned
-        buffer and a queued copy: a copy from pageable memory makes the host wait for it (~0.1 ms on an H100
-        host, docs/PERFORMANCE.md)."""
-        if self.device.type != "cuda":
-            return tok.to(device=self.device, dtype=self.model.dtype)
-        stage = self._pinned("budget_token", tok)
-        stage.copy_(tok)
-        return stage.to(self.device, non_blocking=True).to(self.model.dtype)
-
-    def _latency_state_and_elapsed(self, row: torch.Tensor, timer: SegmentTimer,
-                                   while_waiting=None) -> tuple[np.ndarray, float]:
+    def _latency_state_and_elapsed(self, row: torch.Tensor, timer: SegmentTimer) -> tuple[np.ndarray, float]:
         """The latency token's state [D] as a float32 numpy copy, and the request's elapsed ms, with one
         wait for the GPU (on CUDA: a copy to pinned memory queued before the timer's event, which the host
-        polls with `spin_wait`; `while_waiting` runs first if the GPU is still busy). Always a copy: on CPU
-        the row may be a view of an engine buffer that the rest of the prefill overwrites in place (the
+        polls with `spin_wait`; before, `.cpu()` and the timer's own synchronisation were two waits:
+        ~0.1 ms more of GPU idle time per request on an H100 host, docs/PERFORMANCE.md). Always a copy: on
+        CPU the row may be a view of an engine buffer that the rest of the prefill overwrites in place (the
         recorded state must stay)."""
         if self.device.type != "cuda":
             state = row.cpu().float().numpy().copy()
@@ -170,7 +157,7 @@ class RequestEngine:
         stage = self._pinned("latency_state", row)
         stage.copy_(row, non_blocking=True)
         # the timer's event follows the copy: when it has completed, so has the copy
-        elapsed = timer.elapsed_ms(spin=self.spin_wait, while_waiting=while_waiting)
+        elapsed = timer.elapsed_ms(spin=self.spin_wait)
         return stage.float().numpy().copy(), elapsed
 
     def _decode_image(self, image_bytes: Optional[bytes]):
@@ -236,7 +223,7 @@ class RequestEngine:
             # to the device now, while it is idle: a host-to-device copy is blocking (it synchronises the
             # stream), so made after the vision encoder is queued it would wait for the encoder and then
             # leave the GPU idle while the prefix is queued
-            budget_tok = self._budget_token_to_device(controller.budget_token_embedding(budget_ms))
+            budget_tok = controller.budget_token_embedding(budget_ms).to(device=self.device, dtype=model.dtype)
         timer.mark("stage1_ms")
 
         # -- preprocess (part 2): crops at the chosen tier ----------------------------------------
@@ -266,16 +253,7 @@ class RequestEngine:
             h = ex.prefill(x, list(range(p)), {})
             timer.mark("prefix_ms")
             # -- Stage2 (host sync: the decision needs the latency token and the elapsed time)
-            warm = None
-            if fixed is None and self.prewarm_stage2:
-                # while the GPU still runs the vision encoder and the prefix, run Stage2's maths once on
-                # placeholder features (nothing drawn, result dropped): its weights are then in the host's
-                # caches for the real call (docs/PERFORMANCE.md: cold, the call took ~4x longer)
-                guess = Stage2Features(latency_state=np.zeros(model.config.d_model, dtype=np.float32),
-                                       p_idx=d_p.index, vision_tokens=tier_tokens[d_tier.index], spent_frac=0.0,
-                                       nb_mask=space.num_blocks_feasible(p))
-                warm = lambda: controller.prewarm_stage2(budget_ms, guess)   # noqa: E731
-            latency_state, elapsed_ms = self._latency_state_and_elapsed(h[0, -1], timer, while_waiting=warm)
+            latency_state, elapsed_ms = self._latency_state_and_elapsed(h[0, -1], timer)
             spent_frac = elapsed_ms / budget_ms
             f2 = Stage2Features(latency_state=latency_state, p_idx=d_p.index, vision_tokens=tier_tokens[d_tier.index],
                                 spent_frac=float(spent_frac), nb_mask=space.num_blocks_feasible(p))

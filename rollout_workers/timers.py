@@ -10,7 +10,7 @@ fixes torch's thread count so measurements under concurrency match calibration.
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -58,16 +58,12 @@ class SegmentTimer:
             return float(a.elapsed_time(b))
         return (b - a) * 1e3
 
-    def elapsed_ms(self, spin: bool = False, while_waiting: Optional[Callable[[], object]] = None) -> float:
+    def elapsed_ms(self, spin: bool = False) -> float:
         """Time since start (synchronises the GPU: use only at decision points). With `spin` the host polls
-        the event in a loop instead of blocking in the driver: the thread stays on its core, awake, and
-        whatever the host does next starts at once. Work queued before this call (e.g. a non-blocking copy
-        to pinned memory) has completed when it returns. On GPU, `while_waiting` is called first if the GPU
-        has not yet reached this point (host work that overlaps the wait); on CPU it is not called."""
+        the event in a loop instead of blocking in the driver. Work queued before this call (e.g. a
+        non-blocking copy to pinned memory) has completed when it returns."""
         now = self._now()
         if self.cuda:
-            if while_waiting is not None and not now.query():
-                while_waiting()
             if spin:
                 while not now.query():
                     pass

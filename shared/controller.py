@@ -803,14 +803,6 @@ class TwoStageController(nn.Module):
         lk, ln = self._numpy_act().sync(self, 2).stage2(budget_ms, f)
         return self._pick_pair(lk, ln, greedy, generator)
 
-    def prewarm_stage2(self, budget_ms: float, f: Stage2Features) -> None:
-        """Run Stage2's act maths on `f` and drop the result: nothing is drawn (a generator is untouched)
-        and nothing is memoised. A rollout worker calls it while the GPU is still busy, so that the host's
-        caches hold Stage2's weights when the real call comes (the first call after a request's other host
-        work runs several times slower than the same call warm)."""
-        if self.act_impl != "torch":
-            self._numpy_act().sync(self, 2).stage2(check_budget_ms(budget_ms), f)
-
     @torch.inference_mode()
     def _act_stage2_torch(self, budget_ms: float, f: Stage2Features, greedy: bool,
                           generator: torch.Generator | None) -> tuple[HeadDecision, HeadDecision]:

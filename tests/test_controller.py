@@ -478,23 +478,3 @@ def test_sinusoidal_code_shape_range_and_act_path_equality():
         assert torch.equal(sinusoidal_code(b[i:i + 1], 256), code[i:i + 1])
     with pytest.raises(ValueError, match="even"):
         sinusoidal_code(b, 7)
-
-
-def test_prewarm_stage2_changes_no_decision_and_no_draw():
-    """prewarm_stage2 (a rollout worker runs it while the GPU is busy) draws nothing and memoises nothing:
-    the next act_stage2 gives the same decisions and log-probs, from the same generator state, as without it."""
-    ctl = controller(d_model=64)
-    rng = np.random.default_rng(0)
-    _, f2 = features(ctl, rng)
-    _, placeholder = features(ctl, rng)
-    for greedy in (False, True):
-        plain = ctl.act_stage2(230.0, f2, greedy=greedy, generator=torch.Generator().manual_seed(4))
-        gen = torch.Generator().manual_seed(4)
-        ctl.prewarm_stage2(230.0, placeholder)
-        ctl.prewarm_stage2(123.0, placeholder)            # another budget: its terms are cached, not used
-        assert gen.get_state().equal(torch.Generator().manual_seed(4).get_state())
-        warmed = ctl.act_stage2(230.0, f2, greedy=greedy, generator=gen)
-        assert warmed == plain
-    with pytest.raises(ValueError, match="budget"):
-        ctl.prewarm_stage2(-1.0, placeholder)
-

@@ -160,14 +160,6 @@ def test_timer_segments_and_overhead():
     assert 0 < timer_overhead_us("cpu", 200) < 1000
 
 
-def test_timer_runs_while_waiting_only_on_a_gpu():
-    """On CPU the work is done when elapsed_ms is called: there is no wait to overlap."""
-    calls = []
-    t = SegmentTimer("cpu")
-    t.elapsed_ms(spin=True, while_waiting=lambda: calls.append(1))
-    assert calls == []
-
-
 def test_select_blocks_memo_returns_fresh_lists():
     scores = (0.1, 0.9, 0.5, 0.7, 0.2)
     a = select_blocks(1, 3, scores)
