@@ -94,8 +94,8 @@ class RequestEngine:
         reuse_preprocess: reuse the last request's preprocessing when the next one has the same image
             bytes object and question, charging its measured time (module docstring). Off by default
             (benchmarks time every request's preprocessing afresh); rollout workers turn it on.
-        spin_wait: on CUDA, wait for the latency token by polling an event (the host stays awake and
-            Stage2 starts at once) rather than blocking in the driver.
+        spin_wait: on CUDA, wait for the latency token by polling an event rather than blocking in the
+            driver (the variant measured in docs/PERFORMANCE.md).
     """
 
     def __init__(self, model, preprocessor, space: KnobSpace, importance: ImportanceScores, executor=None,
@@ -138,7 +138,7 @@ class RequestEngine:
 
     def _pinned(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """A page-locked host buffer shaped like `like`, kept per name (a copy into it can be queued without
-        blocking the host). Reused by the next request: serve() ends with a synchronisation."""
+        blocking the host; it is read only after the copy's event has completed)."""
         buf = self._pinned_bufs.get(name)
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
             buf = self._pinned_bufs[name] = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)

@@ -12,7 +12,6 @@ Pure module: no Ray, no model, no torch.
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import json
 import math
