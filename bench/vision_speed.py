@@ -11,6 +11,9 @@ layers' (compiled the same way):
 * ``stacked``: ``fast_engine.vision_layer`` (one q/k/v GEMM); flash attention in both;
 * ``stacked-mlpN``: ``stacked`` with the MLP over N row slices (``mlp_row_chunks``: a slice's
   [rows, 4096] activation can stay in L2 between the GEMMs and the quick-GELU pass);
+* ``stacked-autotune``: ``stacked`` compiled for each crop count's static shape with inductor's GEMM
+  autotuning (cuBLAS against its Triton templates, persistent TMA ones included; the quick-GELU can then be
+  fused into a template's epilogue). Not yet run on a GPU;
 * ``stacked+cudnn``: the same compiled and captured with only cuDNN's attention enabled (eagerly
   it is faster than flash attention at these shapes; inside the compiled, captured tower it changed
   nothing on an H100, so the engine does not select it).
@@ -66,7 +69,8 @@ def main() -> int:
     ap.add_argument("--mlp-row-chunks", type=int, nargs="*", default=[2, 4],
                     help="also time vision_layer with its MLP over this many row slices (L2 reuse)")
     ap.add_argument("--variants", nargs="*", default=[],
-                    help="only these variants (transformers, stacked, stacked+cudnn, stacked-mlpN; default: all); "
+                    help="only these variants (transformers, stacked, stacked+cudnn, stacked-mlpN, stacked-autotune; "
+                         "default: all); "
                          "the first one run is the reference of the diff column")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -102,6 +106,12 @@ def main() -> int:
                 ("stacked+cudnn", stacked, lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION]))]
     variants += [(f"stacked-mlp{c}", mlp_chunked(c), lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]))
                  for c in args.mlp_row_chunks]
+    # inductor's own GEMM autotuning (cuBLAS against Triton templates, persistent TMA ones included, with the
+    # quick-GELU fused into a template's epilogue where that benchmarks faster), one static shape per crop count
+    variants += [("stacked-autotune", stacked, lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]))]
+    compile_kwargs = {"stacked-autotune": dict(dynamic=False, options={
+        "max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON", "triton.enable_persistent_tma_matmul": True,
+        "triton.cudagraphs": False})}
     variants = [v for v in variants if not args.variants or v[0] in args.variants]
     S, Dv, Fv = cfg.patches_per_crop + 1, cfg.vit_hidden_size, cfg.vit_mlp_size
     n_vit = max(cfg.vit_block_indices) + 1
@@ -114,7 +124,7 @@ def main() -> int:
     refs = {}
     for name, f, backends in variants:
         torch._dynamo.reset()          # each variant traced afresh (compiled code is cached per function)
-        fn = torch.compile(f, dynamic=True)
+        fn = torch.compile(f, **compile_kwargs.get(name, dict(dynamic=True)))
         for n, (x, m) in inputs.items():
             with torch.no_grad(), backends():
                 y = fn(x, m).float()
