@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shared.config import ConfigError, dump_config, load_config
-from shared.controller import (Stage1Features, Stage2Features, TwoStageController, check_budget_ms,
+from shared.controller import (Stage1Features, TwoStageController, check_budget_ms,
                                collate_features)
 from shared.knobs import ImportanceScores, KnobError, KnobSpace, select_blocks
 from shared.records import SCHEMA, SCHEMA_VERSION, read_records, records_to_table, write_parquet_atomic

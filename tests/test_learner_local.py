@@ -6,7 +6,6 @@ resume state equality with superseded records, and the exported bundle with meta
 """
 from __future__ import annotations
 
-import copy
 import json
 from collections import Counter
 from pathlib import Path

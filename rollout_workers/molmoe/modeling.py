@@ -164,7 +164,6 @@ class MolmoeModel(nn.Module):
                 f"got {tuple(images.shape)}"
             )
         x = images.to(device=self.device, dtype=self.vision_dtype)
-        n = x.shape[0]
         valid_crop = torch.all(x != -1, dim=2, keepdim=True).all(dim=1, keepdim=True)  # [n, 1, 1]
         hidden = self.vision.pre_layrnorm(self.patch_embeddings(x))
         wanted = cfg.vit_block_indices
