@@ -117,6 +117,7 @@ class RequestEngine:
         self.reuse_preprocess = bool(reuse_preprocess)
         self.spin_wait = bool(spin_wait)
         self._pinned_bufs: dict[str, torch.Tensor] = {}
+        self._budget_tok: Optional[tuple] = None           # (controller, its token key, the token on the device)
         self._memo: Optional[_PreprocessMemo] = None
         self.preprocess_reused = 0          # requests that reused a memo (part 1), for reports
 
@@ -143,6 +144,19 @@ class RequestEngine:
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
             buf = self._pinned_bufs[name] = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
         return buf
+
+    def _budget_token_on_device(self, controller: TwoStageController, budget_ms: float) -> torch.Tensor:
+        """The budget token [D] on the device in the model's dtype. The last one is kept: a GRPO group's G
+        rollouts share their budget, so 7 of 8 skip computing it and its host-to-device copy (a blocking
+        copy from pageable memory, ~0.1 ms on an H100 host while the GPU is idle, docs/PERFORMANCE.md).
+        Used read-only (the prefix concatenates it into a new tensor)."""
+        key = controller.budget_token_key(budget_ms)
+        kept = self._budget_tok
+        if kept is not None and kept[0] is controller and kept[1] == key:
+            return kept[2]
+        tok = controller.budget_token_embedding(budget_ms).to(device=self.device, dtype=self.model.dtype)
+        self._budget_tok = (controller, key, tok)
+        return tok
 
     def _latency_state_and_elapsed(self, row: torch.Tensor, timer: SegmentTimer) -> tuple[np.ndarray, float]:
         """The latency token's state [D] as a float32 numpy copy, and the request's elapsed ms, with one
@@ -223,7 +237,7 @@ class RequestEngine:
             # to the device now, while it is idle: a host-to-device copy is blocking (it synchronises the
             # stream), so made after the vision encoder is queued it would wait for the encoder and then
             # leave the GPU idle while the prefix is queued
-            budget_tok = controller.budget_token_embedding(budget_ms).to(device=self.device, dtype=model.dtype)
+            budget_tok = self._budget_token_on_device(controller, budget_ms)
         timer.mark("stage1_ms")
 
         # -- preprocess (part 2): crops at the chosen tier ----------------------------------------

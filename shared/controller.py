@@ -671,6 +671,14 @@ class TwoStageController(nn.Module):
             return self._budget_token_torch(budget_ms)
         return self._numpy_act().budget_token(self, budget_ms)
 
+    def budget_token_key(self, budget_ms: float) -> tuple:
+        """Equal for two calls exactly when `budget_token_embedding` gives the same token: the budget, the
+        normalisation range and the map's buffers (their storage and version). A caller may keep the token
+        under it (a rollout worker keeps the last one on the GPU: a group's rollouts share their budget)."""
+        bt = self.budget_token
+        return (check_budget_ms(budget_ms), float(self.norm_min_ms), float(self.norm_max_ms),
+                bt.proj.data_ptr(), bt.proj._version, bt.target_rms.data_ptr(), bt.target_rms._version)
+
     @torch.no_grad()
     def _budget_token_torch(self, budget_ms: float) -> torch.Tensor:
         return self.budget_token(self.budget_code(torch.tensor([budget_ms])))[0]

@@ -2,6 +2,7 @@
 KV cache correct with skipped blocks, fixed knobs equal to the model's own forward, timers."""
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 
@@ -158,6 +159,26 @@ def test_timer_segments_and_overhead():
     seg = t.finish()
     assert set(seg) == {"a", "b"} and abs(sum(seg.values()) - t.total_ms()) < 1e-9
     assert 0 < timer_overhead_us("cpu", 200) < 1000
+
+
+def test_budget_token_kept_on_the_device_per_budget_and_weights(tiny):
+    """The last budget token is reused for the same budget and controller weights (a group shares its
+    budget) and recomputed when either changes."""
+    m, engine, ctl = tiny
+    ctl = copy.deepcopy(ctl)
+    a = engine._budget_token_on_device(ctl, 200.0)
+    assert engine._budget_token_on_device(ctl, 200.0) is a
+    torch.testing.assert_close(a, ctl.budget_token_embedding(200.0).to(a.dtype))
+    b = engine._budget_token_on_device(ctl, 260.0)
+    assert b is not a
+    torch.testing.assert_close(b, ctl.budget_token_embedding(260.0).to(b.dtype))
+    w = ctl.get_weights()
+    w["budget_token.target_rms"] = w["budget_token.target_rms"] * 2
+    ctl.set_weights(w)                                  # new weights: the kept token is stale
+    c = engine._budget_token_on_device(ctl, 260.0)
+    torch.testing.assert_close(c, 2 * b)
+    other = copy.deepcopy(ctl)                          # another controller, same budget: not reused
+    assert engine._budget_token_on_device(other, 260.0) is not c
 
 
 def test_select_blocks_memo_returns_fresh_lists():
