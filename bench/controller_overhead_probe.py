@@ -9,7 +9,9 @@ sampled top_k / num_blocks) with host timestamps (`time.perf_counter`) between t
 the points where the GPU waits for the host:
 
 * Stage1 window (the GPU is idle: the question's feature was read back): the event after preprocessing ->
-  `act_stage1` -> `budget_token_embedding` -> its host-to-device copy -> the event after it.
+  `act_stage1` -> `budget_token_embedding` -> its host-to-device copy -> the event after it. The token is
+  computed and copied on every request here, as for a request with a new budget; the request path keeps the
+  last one on the device (`RequestEngine._budget_token_on_device`), so a group's later rollouts skip both.
 * Stage2 window: the event after the prefix's graphs were queued (completes when the GPU finishes the
   prefix) -> the latency token's device-to-host copy (the host waits here) -> the spent fraction (an event
   and its synchronisation) -> features -> `act_stage2` -> block selection -> the event just before the rest
