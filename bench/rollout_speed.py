@@ -234,38 +234,47 @@ def token_agreement_float32(device, pre, space: KnobSpace, importance, args) -> 
     return res
 
 
-def controller_ab(engine: RequestEngine, ctl: TwoStageController, image: bytes, pairs: int, tokens: int) -> dict:
+def controller_ab(engines: dict, ctl: TwoStageController, image: bytes, pairs: int, tokens: int) -> dict:
     """Controlled path (the controller decides; budget token, split prefill, Stage2 sync) vs the plain
-    path with the knobs it chose, one pair after the other."""
-    gen = torch.Generator().manual_seed(0)
-    diffs, a_lat, b_lat, s1, s2, model_diffs = [], [], [], [], [], []
+    path with the knobs it chose, one pair after the other; with several engines (e.g. Stage2 on the
+    device and on the host, sharing one executor) their pairs interleave. Returns {engine name: stats}."""
+    gens = {name: torch.Generator().manual_seed(0) for name in engines}
+    acc = {name: {k: [] for k in ("diffs", "a", "b", "s1", "s2", "model")} for name in engines}
     for i in range(pairs + 5):
-        a = engine.serve(image, QUESTION, 250.0, ctl, max_new_tokens=tokens, stop_at_eos=False, generator=gen)
-        b = engine.serve(image, QUESTION, 250.0, None, fixed=a.knobs, max_new_tokens=tokens, stop_at_eos=False)
-        if i >= 5:
-            diffs.append(a.latency_ms - b.latency_ms)
-            a_lat.append(a.latency_ms)
-            b_lat.append(b.latency_ms)
-            s1.append(a.segments_ms["stage1_ms"])
-            s2.append(a.segments_ms["stage2_ms"])
+        for name, engine in engines.items():
+            a = engine.serve(image, QUESTION, 250.0, ctl, max_new_tokens=tokens, stop_at_eos=False,
+                             generator=gens[name])
+            b = engine.serve(image, QUESTION, 250.0, None, fixed=a.knobs, max_new_tokens=tokens, stop_at_eos=False)
+            if i < 5:
+                continue
+            r = acc[name]
+            r["diffs"].append(a.latency_ms - b.latency_ms)
+            r["a"].append(a.latency_ms)
+            r["b"].append(b.latency_ms)
+            r["s1"].append(a.segments_ms["stage1_ms"])
+            r["s2"].append(a.segments_ms["stage2_ms"])
             # the same difference without the host's image decoding and crop cutting (identical work in
             # both arms, and the noisiest part of a request): resolves the overhead with fewer pairs
-            model_diffs.append((a.latency_ms - a.segments_ms["preprocess_ms"])
-                               - (b.latency_ms - b.segments_ms["preprocess_ms"]))
+            r["model"].append((a.latency_ms - a.segments_ms["preprocess_ms"])
+                              - (b.latency_ms - b.segments_ms["preprocess_ms"]))
+    return {name: _ab_stats(r) for name, r in acc.items()}
+
+
+def _ab_stats(r: dict) -> dict:
+    diffs, model_diffs = r["diffs"], r["model"]
     srt = sorted(diffs)
     lo, hi = srt[int(0.025 * len(srt))], srt[int(0.975 * len(srt)) - 1]
-    med = statistics.median(diffs)
     boot = np.random.default_rng(0)
     meds = [float(np.median(boot.choice(diffs, len(diffs)))) for _ in range(1000)]
     meds_m = [float(np.median(boot.choice(model_diffs, len(model_diffs)))) for _ in range(1000)]
-    return {"pairs": len(diffs), "overhead_ms_median": med, "overhead_ms_mean": statistics.mean(diffs),
+    return {"pairs": len(diffs), "overhead_ms_median": statistics.median(diffs), "overhead_ms_mean": statistics.mean(diffs),
             "overhead_excl_preprocess_ms_median": statistics.median(model_diffs),
             "overhead_excl_preprocess_ms_median_ci95": [float(np.percentile(meds_m, 2.5)),
                                                         float(np.percentile(meds_m, 97.5))],
             "overhead_ms_median_ci95": [float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))],
-            "diff_p2.5_p97.5": [lo, hi], "controlled_ms_median": statistics.median(a_lat),
-            "plain_ms_median": statistics.median(b_lat), "stage1_ms_median": statistics.median(s1),
-            "stage2_ms_median": statistics.median(s2)}
+            "diff_p2.5_p97.5": [lo, hi], "controlled_ms_median": statistics.median(r["a"]),
+            "plain_ms_median": statistics.median(r["b"]), "stage1_ms_median": statistics.median(r["s1"]),
+            "stage2_ms_median": statistics.median(r["s2"])}
 
 
 def main() -> int:
@@ -282,6 +291,8 @@ def main() -> int:
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--triton", choices=["auto", "off"], default="auto",
                     help="fast engine decode through the Triton kernels (auto) or the generic grouped-GEMM path")
+    ap.add_argument("--ab-host-stage2", action="store_true",
+                    help="also the A/B with Stage2 decided on the host (the numpy act path), pairs interleaved")
     ap.add_argument("--ab-only", action="store_true",
                     help="warm-up, graph-capture check and the controller A/B only (no setting sweep, no eager)")
     ap.add_argument("--groups", type=int, default=6, help="GRPO groups timed for the training rollout rate")
@@ -344,14 +355,24 @@ def main() -> int:
             fast.serve(image, QUESTION, 1000.0, ctl, fixed=fixed, max_new_tokens=4)
     warm["captures_after_warmup"] = fast_exec.captures_after_warmup
     print(f"graphs captured after warm-up while switching 40 random settings: {fast_exec.captures_after_warmup}")
-    ab = controller_ab(fast, ctl, image, args.ab_pairs, args.tokens)
-    print(f"controller overhead on the fast engine: median {ab['overhead_ms_median']:.3f} ms (95% CI "
-          f"{ab['overhead_ms_median_ci95'][0]:.3f}..{ab['overhead_ms_median_ci95'][1]:.3f}) over {ab['pairs']} pairs; "
-          f"stage1 {ab['stage1_ms_median']:.3f} ms, stage2 {ab['stage2_ms_median']:.3f} ms; without preprocess: "
-          f"{ab['overhead_excl_preprocess_ms_median']:.3f} ms (95% CI {ab['overhead_excl_preprocess_ms_median_ci95'][0]:.3f}.."
-          f"{ab['overhead_excl_preprocess_ms_median_ci95'][1]:.3f})", flush=True)
+    engines = {"stage2 on the device": fast}
+    if args.ab_host_stage2:      # the host act path on the same executor, pairs interleaved
+        engines["stage2 on the host"] = RequestEngine(model, pre, space, importance, executor=fast_exec,
+                                                      device_stage2=False)
+    abs_ = controller_ab(engines, ctl, image, args.ab_pairs, args.tokens)
+    for name, ab in abs_.items():
+        print(f"controller overhead on the fast engine ({name}): median {ab['overhead_ms_median']:.3f} ms (95% CI "
+              f"{ab['overhead_ms_median_ci95'][0]:.3f}..{ab['overhead_ms_median_ci95'][1]:.3f}) over {ab['pairs']} "
+              f"pairs; stage1 {ab['stage1_ms_median']:.3f} ms, stage2 {ab['stage2_ms_median']:.3f} ms; without "
+              f"preprocess: {ab['overhead_excl_preprocess_ms_median']:.3f} ms (95% CI "
+              f"{ab['overhead_excl_preprocess_ms_median_ci95'][0]:.3f}.."
+              f"{ab['overhead_excl_preprocess_ms_median_ci95'][1]:.3f})", flush=True)
+    ab = abs_["stage2 on the device"]
     warm["triton"] = fast_exec.triton
-    out.update({"fast_warmup": warm, "fast": fast_rows, "controller_ab_fast": ab})
+    out.update({"fast_warmup": warm, "fast": fast_rows, "controller_ab_fast": ab,
+                "stage2_on_device": fast.stage2_on_device is not None})
+    if args.ab_host_stage2:
+        out["controller_ab_fast_host_stage2"] = abs_["stage2 on the host"]
     save()
     gt = group_throughput(model, pre, space, importance, fast_exec, ctl, image, args.groups, args.group_size,
                           args.tokens)

@@ -96,10 +96,14 @@ class RequestEngine:
             (benchmarks time every request's preprocessing afresh); rollout workers turn it on.
         spin_wait: on CUDA, wait for the latency token by polling an event rather than blocking in the
             driver (the variant measured in docs/PERFORMANCE.md).
+        device_stage2: decide Stage2 on the device, queued right after the prefix
+            (rollout_workers/device_stage2.py): the host reads back six numbers instead of running the
+            controller between the prefix and the rest of the prefill. Default: on CUDA with Triton. Not
+            used with `fixed` decisions (they keep the host path).
     """
 
     def __init__(self, model, preprocessor, space: KnobSpace, importance: ImportanceScores, executor=None,
-                 reuse_preprocess: bool = False, spin_wait: bool = True):
+                 reuse_preprocess: bool = False, spin_wait: bool = True, device_stage2: Optional[bool] = None):
         cfg = model.config
         if (space.num_layers, space.num_experts, space.native_top_k) != (cfg.n_layers, cfg.num_experts, cfg.top_k):
             raise ValueError(f"knob space is for {space.num_layers} blocks x {space.num_experts} experts (native top_k "
@@ -120,6 +124,14 @@ class RequestEngine:
         self._budget_tok: Optional[tuple] = None           # (controller, its token key, the token on the device)
         self._memo: Optional[_PreprocessMemo] = None
         self.preprocess_reused = 0          # requests that reused a memo (part 1), for reports
+        self.stage2_on_device = None
+        if device_stage2 is None:
+            from rollout_workers import triton_kernels
+            device_stage2 = triton_kernels.available(self.device)
+        if device_stage2:
+            from rollout_workers.device_stage2 import DeviceStage2
+            self.stage2_on_device = DeviceStage2(self.device, space, model.dtype, cfg.d_model,
+                                                 compile=bool(getattr(self.executor, "compile", False)))
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -199,6 +211,9 @@ class RequestEngine:
         t_start = time.time()
         host0 = time.perf_counter()
         timer = SegmentTimer(self.device)
+        dev_s2 = self.stage2_on_device if controller is not None and fixed is None else None
+        if dev_s2 is not None:
+            dev_s2.start()
 
         # -- preprocess (part 1): decode, probe size, tokenise, language feature ----------------
         memo = self._memo
@@ -238,6 +253,8 @@ class RequestEngine:
             # stream), so made after the vision encoder is queued it would wait for the encoder and then
             # leave the GPU idle while the prefix is queued
             budget_tok = self._budget_token_on_device(controller, budget_ms)
+            if dev_s2 is not None:
+                dev_s2.prepare(controller, budget_ms)      # blocking copies only when weights/budget changed
         timer.mark("stage1_ms")
 
         # -- preprocess (part 2): crops at the chosen tier ----------------------------------------
@@ -267,14 +284,25 @@ class RequestEngine:
             h = ex.prefill(x, list(range(p)), {})
             timer.mark("prefix_ms")
             # -- Stage2 (host sync: the decision needs the latency token and the elapsed time)
-            latency_state, elapsed_ms = self._latency_state_and_elapsed(h[0, -1], timer)
-            spent_frac = elapsed_ms / budget_ms
-            f2 = Stage2Features(latency_state=latency_state, p_idx=d_p.index, vision_tokens=tier_tokens[d_tier.index],
-                                spent_frac=float(spent_frac), nb_mask=space.num_blocks_feasible(p))
-            if fixed is not None:
-                d_k, d_nb = HeadDecision(ki, 0.0), HeadDecision(ni, 0.0)
+            nb_mask = space.num_blocks_feasible(p)
+            if dev_s2 is not None:      # decided in the stream; the host reads the decision back
+                uniforms = None if greedy else torch.rand(2, generator=generator).tolist()
+                dev_s2.queue(h[0, -1], p_idx=d_p.index, vision_tokens=tier_tokens[d_tier.index],
+                             charged_ms=sum(timer.charged_ms.values()), budget_ms=budget_ms, uniforms=uniforms,
+                             nb_mask=nb_mask)
+                k_idx, lp_k, nb_idx, lp_nb, spent_frac, _ = dev_s2.result(spin=self.spin_wait)
+                d_k, d_nb = HeadDecision(k_idx, lp_k), HeadDecision(nb_idx, lp_nb)
+                f2 = Stage2Features(latency_state=None, p_idx=d_p.index, vision_tokens=tier_tokens[d_tier.index],
+                                    spent_frac=float(spent_frac), nb_mask=nb_mask)     # the state after finish()
             else:
-                d_k, d_nb = controller.act_stage2(budget_ms, f2, greedy=greedy, generator=generator)
+                latency_state, elapsed_ms = self._latency_state_and_elapsed(h[0, -1], timer)
+                f2 = Stage2Features(latency_state=latency_state, p_idx=d_p.index,
+                                    vision_tokens=tier_tokens[d_tier.index], spent_frac=float(elapsed_ms / budget_ms),
+                                    nb_mask=nb_mask)
+                if fixed is not None:
+                    d_k, d_nb = HeadDecision(ki, 0.0), HeadDecision(ni, 0.0)
+                else:
+                    d_k, d_nb = controller.act_stage2(budget_ms, f2, greedy=greedy, generator=generator)
             top_k = space.top_ks[d_k.index]
             nb = space.num_blocks[d_nb.index]
             block_ids = select_blocks(p, nb, self.importance.scores)
@@ -282,6 +310,8 @@ class RequestEngine:
             timer.mark("stage2_ms")
             # -- rest of the prefill; first answer token from the position BEFORE the budget token
             h = ex.prefill(h, block_ids[p:], k_map)
+            if dev_s2 is not None:
+                dev_s2.queue_state_copy()
             logits = ex.head(h[:, T - 1:T])
             ex.truncate(T, block_ids)
             timer.mark("prefill_rest_ms")
@@ -320,6 +350,8 @@ class RequestEngine:
         answer = self.tok.decode([i for i in out_ids if i != eos])
         timer.mark("postprocess_ms")
         segments = timer.finish()
+        if dev_s2 is not None:
+            f2.latency_state = dev_s2.latency_state()
         if self.reuse_preprocess:
             pre_ms = [ms for name, ms in timer.deltas if name == "preprocess_ms"]    # [part 1, part 2]
             if memo is None:

@@ -83,6 +83,17 @@ if HAVE_TRITON:
         tl.store(idx_ptr + dest, sel_idx)
         tl.store(w_ptr + dest, sel_w)
 
+    @triton.jit
+    def _globaltimer_kernel(out_ptr, slot):
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+        tl.store(out_ptr + slot, t)
+
+    def stamp_ns(out: torch.Tensor, slot: int) -> None:
+        """``out[slot]`` <- the GPU's global nanosecond timer (PTX ``%globaltimer``) when the stream reaches
+        this launch; ``out`` an int64 CUDA tensor. Differences of two stamps are elapsed GPU time (the
+        device-side Stage2 reads the spent fraction of the budget from them). Capturable in a CUDA graph."""
+        _globaltimer_kernel[(1,)](out, slot)
+
     # (BLOCK_N, BLOCK_K, warps, stages): a short list for the autotuner (first call per (N, K), at the
     # engine's warm-up); bench/triton_kernels_tune.py sweeps a wider grid
     GEMV_CONFIGS = [(16, 256, 4, 1), (16, 512, 4, 1), (8, 512, 4, 1), (32, 256, 8, 1), (16, 1024, 8, 1),

@@ -746,6 +746,12 @@ class TwoStageController(nn.Module):
             act = self._np_act = _NumpyAct(self)
         return act
 
+    def act_arrays(self, stage: int) -> _NumpyAct:
+        """The numpy act path's prepared matrices, synced with the current weights: stage 1 or 2's first
+        layer over the per-request inputs (`s2_in`), its per-budget term (`budget_term`), the later layers
+        (`s2_later`). The device-side Stage2 (rollout_workers/device_stage2.py) uploads Stage2's."""
+        return self._numpy_act().sync(self, stage)
+
     def _apply(self, fn, *args, **kwargs):
         """`.to()`, `.float()`... may give the module new parameter objects: the act paths start afresh."""
         self._reset_act_state()
