@@ -109,7 +109,9 @@ def stage2_decide(state: torch.Tensor, scal: torch.Tensor, stamps: torch.Tensor,
     greedy = scal[S_GREEDY]
     k_idx = _draw(lk, scal[S_U_K], greedy)
     nb_idx = _draw(ln, scal[S_U_NB], greedy)
-    return torch.stack([k_idx.float(), lk[k_idx], nb_idx.float(), ln[nb_idx], spent, elapsed_ms])
+    # gather, not lk[k_idx]: indexing with a tensor checks its bounds on the host (a sync, not capturable)
+    return torch.cat([k_idx.float().view(1), lk.gather(0, k_idx.view(1)), nb_idx.float().view(1),
+                      ln.gather(0, nb_idx.view(1)), spent.view(1), elapsed_ms.view(1)])
 
 
 class DeviceStage2:
@@ -180,8 +182,8 @@ class DeviceStage2:
 
     def prepare(self, controller: TwoStageController, budget_ms: float) -> None:
         """Bring the controller's Stage2 matrices and the budget's first-layer term to the device if they
-        changed (new weights: once per policy version; new budget: once per GRPO group). The copies are
-        blocking: call while the device is idle (the Stage1 window), not after queuing work."""
+        changed (new weights: once per policy version; new budget: once per GRPO group). On CUDA the copies
+        are queued from pinned staging memory (non-blocking), so this may run while the device is busy."""
         act = controller.act_arrays(2)
         key = (act, act.stage_keys[2])
         if self._w_key is None or self._w_key[0] is not key[0] or self._w_key[1] != key[1]:
@@ -191,14 +193,14 @@ class DeviceStage2:
                 self._w = {n: torch.zeros(m.shape, dtype=torch.float32, device=self.device) for n, m in mats.items()}
                 self._graph = None            # new buffers: capture again
             for n in ("w_in", "later1", "heads"):
-                self._w[n].copy_(torch.from_numpy(mats[n]))
+                self._upload(self._w[n], mats[n])
             self._consts = (float(act.wide_d), float(act.token_scale))
             self._w_key = key
             self._base_key = None
         base_key = (act, act.keys[2], float(budget_ms))
         if (self._base_key is None or self._base_key[0] is not act or self._base_key[1] != base_key[1]
                 or self._base_key[2] != base_key[2]):
-            self._w["base"].copy_(torch.from_numpy(act.budget_term(2, float(budget_ms))))
+            self._upload(self._w["base"], act.budget_term(2, float(budget_ms)))
             self._base_key = base_key
 
     def queue(self, state_row: torch.Tensor, *, p_idx: int, vision_tokens: int, charged_ms: float, budget_ms: float,
@@ -257,6 +259,15 @@ class DeviceStage2:
         """The recorded latency state [d] float32 (call after the stream synchronised past the copy)."""
         src = self.state_host if self.cuda else self.state
         return src.float().numpy().copy()
+
+    def _upload(self, dst: torch.Tensor, arr: np.ndarray) -> None:
+        """dst <- arr; on CUDA through a pinned copy, non-blocking (torch's host allocator keeps the pinned
+        block until the copy has run)."""
+        src = torch.from_numpy(arr)
+        if self.cuda:
+            dst.copy_(src.pin_memory(), non_blocking=True)
+        else:
+            dst.copy_(src)
 
     # ------------------------------------------------------------------------------------------
     def _run(self) -> torch.Tensor:

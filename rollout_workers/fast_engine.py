@@ -415,9 +415,11 @@ class FastEngine:
         if self.use_graphs or self.pad_prefill:   # padded to the length bucket, after every real position
             Tb = self._prefill_bucket(T)
             buf = self._prefill_buffers(Tb)[0]
-            if x.data_ptr() != buf.data_ptr():      # the rest of a split prefill continues in place
+            if x.data_ptr() != buf.data_ptr():
                 buf[:, :T].copy_(x)
-            buf[:, T:].zero_()
+                buf[:, T:].zero_()
+            # else the rest of a split prefill continues in place: its pad rows carry on from the prefix's
+            # blocks, as they would in one unsplit prefill (no real row reads them: causal attention)
             for b in block_ids:
                 if self.use_graphs:
                     self._prefill_graph(int(b), Tb).replay()

@@ -159,14 +159,18 @@ class RequestEngine:
 
     def _budget_token_on_device(self, controller: TwoStageController, budget_ms: float) -> torch.Tensor:
         """The budget token [D] on the device in the model's dtype. The last one is kept: a GRPO group's G
-        rollouts share their budget, so 7 of 8 skip computing it and its host-to-device copy (a blocking
-        copy from pageable memory, ~0.1 ms on an H100 host while the GPU is idle, docs/PERFORMANCE.md).
-        Used read-only (the prefix concatenates it into a new tensor)."""
+        rollouts share their budget, so 7 of 8 skip computing it and its upload. On CUDA the upload is
+        queued from pinned memory (non-blocking), so it may be made after the vision encoder is queued: a
+        copy from pageable memory would wait for the encoder. Used read-only (the prefix concatenates it
+        into a new tensor)."""
         key = controller.budget_token_key(budget_ms)
         kept = self._budget_tok
         if kept is not None and kept[0] is controller and kept[1] == key:
             return kept[2]
-        tok = controller.budget_token_embedding(budget_ms).to(device=self.device, dtype=self.model.dtype)
+        tok = controller.budget_token_embedding(budget_ms)
+        if self.device.type == "cuda":     # the host allocator keeps the pinned block until the copy is done
+            tok = tok.pin_memory().to(self.device, non_blocking=True)
+        tok = tok.to(dtype=self.model.dtype)
         self._budget_tok = (controller, key, tok)
         return tok
 
@@ -247,14 +251,6 @@ class RequestEngine:
             d_tier, d_p = controller.act_stage1(f1, greedy=greedy, generator=generator)
         p = space.positions[d_p.index]
         max_crops = space.tier_max_crops[d_tier.index]
-        budget_tok = None
-        if controller is not None:
-            # to the device now, while it is idle: a host-to-device copy is blocking (it synchronises the
-            # stream), so made after the vision encoder is queued it would wait for the encoder and then
-            # leave the GPU idle while the prefix is queued
-            budget_tok = self._budget_token_on_device(controller, budget_ms)
-            if dev_s2 is not None:
-                dev_s2.prepare(controller, budget_ms)      # blocking copies only when weights/budget changed
         timer.mark("stage1_ms")
 
         # -- preprocess (part 2): crops at the chosen tier ----------------------------------------
@@ -279,6 +275,12 @@ class RequestEngine:
         step_logits: list[torch.Tensor] = []
         ex.begin()
         if controller is not None:
+            # the budget token and Stage2's device copies (uploads, non-blocking, only when the budget or
+            # the weights changed): made here, while the GPU runs the vision encoder, not in the Stage1
+            # window where the GPU waits for the host
+            budget_tok = self._budget_token_on_device(controller, budget_ms)
+            if dev_s2 is not None:
+                dev_s2.prepare(controller, budget_ms)
             # -- prefix: blocks 0..p-1 at native top_k, budget token appended as the last position
             x = torch.cat([x, budget_tok.to(x.dtype)[None, None, :]], dim=1)
             h = ex.prefill(x, list(range(p)), {})

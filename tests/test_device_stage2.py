@@ -195,9 +195,12 @@ def test_decision_equals_the_host_act_path_on_cuda_graph(compile):
 @pytest.mark.gpu
 @gpu_only
 def test_request_path_on_cuda_spent_fraction_matches_the_events(tmp_path):
-    """On CUDA the request path decides Stage2 on the device by default; its spent fraction (GPU clock
-    stamps) equals the timer's CUDA-event time up to the prefix within 0.1 ms, and the decisions are the host
-    path's for the recorded features and draws."""
+    """On CUDA the request path decides Stage2 on the device by default; its elapsed time (GPU clock stamps,
+    taken after the prefix and before the decision) lies between the timer's CUDA-event time up to the end of
+    the prefix and up to the end of Stage2 (within 0.05 ms: the start stamp follows the first event), and the
+    decisions are the host path's for the recorded features and draws. (With the tiny model the GPU finishes
+    the prefix before the host has queued the decision, so the stamp also counts that host time, as the
+    budget's clock should.)"""
     from rollout_workers.molmoe.loader import load_molmoe
     from rollout_workers.molmoe.make_tiny_checkpoint import make_tiny_checkpoint
     from rollout_workers.request_path import RequestEngine
@@ -219,11 +222,15 @@ def test_request_path_on_cuda_spent_fraction_matches_the_events(tmp_path):
     for seed in range(6):
         r = eng.serve(image, QUESTION, 40.0, ctl, generator=torch.Generator().manual_seed(seed), max_new_tokens=3)
         to_prefix = sum(r.segments_ms[s] for s in ("preprocess_ms", "stage1_ms", "vision_ms", "prefix_ms"))
-        worst = max(worst, abs(r.stage2.spent_frac * 40.0 - to_prefix))
+        elapsed = r.stage2.spent_frac * 40.0
+        outside = max(to_prefix - elapsed, elapsed - (to_prefix + r.segments_ms["stage2_ms"]), 0.0)
+        print(f"elapsed {elapsed:.4f} ms; events: to the prefix {to_prefix:.4f}, + stage2 "
+              f"{r.segments_ms['stage2_ms']:.4f}")
+        worst = max(worst, outside)
         gen = torch.Generator().manual_seed(seed)
         torch.rand(2, generator=gen)
         (hk, hnb), (lk, _) = _host_decision(ctl, 40.0, r.stage2, torch.rand(2, generator=gen).tolist())
         assert (r.top_k.index, r.num_blocks.index) == (hk, hnb)
         assert r.top_k.log_prob == pytest.approx(lk[hk], abs=1e-5)
-    print(f"spent fraction x budget vs the events up to the prefix: worst |diff| {worst * 1e3:.1f} us")
-    assert worst < 0.1
+    print(f"elapsed outside [events to the prefix, events to the end of stage2]: worst {worst * 1e3:.1f} us")
+    assert worst < 0.05
