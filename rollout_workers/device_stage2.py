@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -159,6 +159,7 @@ class DeviceStage2:
         self._base_key = None                   # (numpy act object, its Stage2 key, budget)
         self._consts = (1.0, 1.0)               # (wide scale, token scale)
         self._graph = None
+        self._inputs_set = False
         self._start_graph = None
         self.captured = 0
 
@@ -203,13 +204,13 @@ class DeviceStage2:
             self._upload(self._w["base"], act.budget_term(2, float(budget_ms)))
             self._base_key = base_key
 
-    def queue(self, state_row: torch.Tensor, *, p_idx: int, vision_tokens: int, charged_ms: float, budget_ms: float,
-              uniforms: Optional[Sequence[float]], nb_mask: Sequence[bool]) -> None:
-        """Queue the decision after the work already in the stream (the prefix): `state_row` [d] is the
-        latency token's row of the prefix output; `uniforms` (two, from the caller's generator) or None for
-        greedy. `prepare` must have run for this controller and budget."""
+    def set_inputs(self, *, p_idx: int, vision_tokens: int, charged_ms: float, budget_ms: float,
+                   uniforms: Optional[Sequence[float]], nb_mask: Sequence[bool]) -> None:
+        """Queue the per-request scalars' upload: `uniforms` (two, from the caller's generator) or None for
+        greedy. Call before the prefix is queued, so that the copy runs before it, not between the prefix
+        and the decision. `prepare` must have run for this controller and budget."""
         if self._w is None or self._base_key is None or self._base_key[2] != float(budget_ms):
-            raise RuntimeError("DeviceStage2.prepare(controller, budget_ms) must run before queue()")
+            raise RuntimeError("DeviceStage2.prepare(controller, budget_ms) must run before the decision's inputs")
         if len(nb_mask) != self.num_nb:
             raise ValueError(f"a num_blocks mask of {len(nb_mask)} options for {self.num_nb}")
         s = self._scal_np          # numpy view of the pinned buffer: element writes without torch dispatch
@@ -223,6 +224,17 @@ class DeviceStage2:
         s[S_MASK:] = nb_mask
         # the previous request's copy out of this buffer has completed: each request waits for its decision
         self.scal.copy_(self.scal_host, non_blocking=True)
+        self._inputs_set = True
+
+    def queue(self, state_row: torch.Tensor, **inputs) -> None:
+        """Queue the decision after the work already in the stream (the prefix): `state_row` [d] is the
+        latency token's row of the prefix output. The scalars come from `set_inputs` (or pass its keyword
+        arguments here)."""
+        if inputs:
+            self.set_inputs(**inputs)
+        if not self._inputs_set:
+            raise RuntimeError("DeviceStage2.set_inputs(...) must run before queue()")
+        self._inputs_set = False
         self.state.copy_(state_row)
         if self.use_graph:
             if self._graph is None:
@@ -235,13 +247,16 @@ class DeviceStage2:
             self.out_host.copy_(self.out, non_blocking=True)
             self.event.record()
 
-    def result(self, spin: bool = True) -> tuple[int, float, int, float, float, float]:
+    def result(self, spin: bool = True, warm: Optional[Callable[[], object]] = None
+               ) -> tuple[int, float, int, float, float, float]:
         """Wait for the queued decision: (top_k index, its log-prob, num_blocks index, its log-prob, spent
-        fraction, elapsed ms)."""
+        fraction, elapsed ms). With `spin`, `warm` (if given) runs between polls: the host code that follows
+        the decision, on placeholder values, so that it runs with warm caches (module docstring)."""
         if self.cuda:
             if spin:
                 while not self.event.query():
-                    pass
+                    if warm is not None:
+                        warm()
             else:
                 self.event.synchronize()
             v = self._out_np.tolist()

@@ -125,6 +125,7 @@ class RequestEngine:
         self._memo: Optional[_PreprocessMemo] = None
         self.preprocess_reused = 0          # requests that reused a memo (part 1), for reports
         self.stage2_on_device = None
+        self.warm_while_waiting = False     # run `_warm_after_stage2` while polling for the decision (bench)
         if device_stage2 is None:
             from rollout_workers import triton_kernels
             device_stage2 = triton_kernels.available(self.device)
@@ -189,6 +190,19 @@ class RequestEngine:
         # the timer's event follows the copy: when it has completed, so has the copy
         elapsed = timer.elapsed_ms(spin=self.spin_wait)
         return stage.float().numpy().copy(), elapsed
+
+    def _warm_after_stage2(self, p: int):
+        """The host code that runs between the device's Stage2 decision and the rest of the prefill, on
+        placeholder values, for `RequestEngine.warm_while_waiting`."""
+        space, scores, out = self.space, self.importance.scores, self.stage2_on_device._out_np
+        top_ks, nbs = space.top_ks, space.num_blocks
+
+        def warm() -> None:
+            v = out.tolist()
+            HeadDecision(int(v[0]), v[1])
+            block_ids = select_blocks(p, nbs[-1], scores)
+            {b: top_ks[0] for b in block_ids if b >= p}
+        return warm
 
     def _decode_image(self, image_bytes: Optional[bytes]):
         if image_bytes is None:
@@ -279,20 +293,22 @@ class RequestEngine:
             # the weights changed): made here, while the GPU runs the vision encoder, not in the Stage1
             # window where the GPU waits for the host
             budget_tok = self._budget_token_on_device(controller, budget_ms)
-            if dev_s2 is not None:
+            nb_mask = space.num_blocks_feasible(p)
+            if dev_s2 is not None:      # Stage2's inputs other than the latency token go up before the prefix
                 dev_s2.prepare(controller, budget_ms)
+                uniforms = None if greedy else torch.rand(2, generator=generator).tolist()
+                dev_s2.set_inputs(p_idx=d_p.index, vision_tokens=tier_tokens[d_tier.index],
+                                  charged_ms=sum(timer.charged_ms.values()), budget_ms=budget_ms, uniforms=uniforms,
+                                  nb_mask=nb_mask)
             # -- prefix: blocks 0..p-1 at native top_k, budget token appended as the last position
             x = torch.cat([x, budget_tok.to(x.dtype)[None, None, :]], dim=1)
             h = ex.prefill(x, list(range(p)), {})
             timer.mark("prefix_ms")
             # -- Stage2 (host sync: the decision needs the latency token and the elapsed time)
-            nb_mask = space.num_blocks_feasible(p)
             if dev_s2 is not None:      # decided in the stream; the host reads the decision back
-                uniforms = None if greedy else torch.rand(2, generator=generator).tolist()
-                dev_s2.queue(h[0, -1], p_idx=d_p.index, vision_tokens=tier_tokens[d_tier.index],
-                             charged_ms=sum(timer.charged_ms.values()), budget_ms=budget_ms, uniforms=uniforms,
-                             nb_mask=nb_mask)
-                k_idx, lp_k, nb_idx, lp_nb, spent_frac, _ = dev_s2.result(spin=self.spin_wait)
+                dev_s2.queue(h[0, -1])
+                warm = self._warm_after_stage2(p) if self.warm_while_waiting else None
+                k_idx, lp_k, nb_idx, lp_nb, spent_frac, _ = dev_s2.result(spin=self.spin_wait, warm=warm)
                 d_k, d_nb = HeadDecision(k_idx, lp_k), HeadDecision(nb_idx, lp_nb)
                 f2 = Stage2Features(latency_state=None, p_idx=d_p.index, vision_tokens=tier_tokens[d_tier.index],
                                     spent_frac=float(spent_frac), nb_mask=nb_mask)     # the state after finish()

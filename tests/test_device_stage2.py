@@ -124,6 +124,9 @@ def test_new_weights_and_budgets_reach_the_device_copies():
     with pytest.raises(RuntimeError, match="prepare"):
         ds.queue(torch.zeros(32), p_idx=0, vision_tokens=1, charged_ms=0.0, budget_ms=100.0, uniforms=None,
                  nb_mask=[True] * 5)
+    ds.prepare(ctl, 100.0)
+    with pytest.raises(RuntimeError, match="set_inputs"):
+        ds.queue(torch.zeros(32))
     rng = np.random.default_rng(5)
     _check_against_host(ds, ctl, rng, 8, "cpu")
     ctl.set_weights(other.get_weights())
