@@ -14,7 +14,10 @@ the vision encoder and the prefix:
     copy the decision [6] to pinned memory; record an event
 
 and then polls the event and reads six numbers: the two chosen indices, their log-probs, the spent
-fraction and the elapsed ms. The latency state itself goes to the host after the rest of the prefill is
+fraction and the elapsed ms. While it polls it may run the host code that follows the decision on
+placeholder values (`result(warm=...)`): after ~10 ms of waiting, host code runs several times slower than
+in a loop (cold caches; reproduced on CPU: `np.tanh` of 28 numbers takes 0.5 us in a loop and 17 us after a
+10 ms spin), and that code sits in the GPU's bubble. The latency state itself goes to the host after the rest of the prefill is
 queued (`queue_state_copy`), off the critical path.
 
 The maths is that of `shared.controller._NumpyAct.stage2` (the same prepared matrices: the first layer's
