@@ -125,10 +125,10 @@ class RequestEngine:
         self._memo: Optional[_PreprocessMemo] = None
         self.preprocess_reused = 0          # requests that reused a memo (part 1), for reports
         self.stage2_on_device = None
-        # while polling for the device's decision, run the host code that follows it on placeholder values:
-        # after ~10 ms of waiting that code runs several times slower (cold caches), and it sits in the GPU's
-        # bubble; measured on an H100 host: 0.06 ms less controller overhead (docs/PERFORMANCE.md)
-        self.warm_while_waiting = True
+        # while polling for the device's decision, run the host code that follows it on placeholder values
+        # (after ~10 ms of waiting that code runs several times slower: cold caches). Off: on two H100 hosts
+        # it changed the A/B by -0.061 and +0.027 ms, not distinguishable from the order effect (docs/PERFORMANCE.md)
+        self.warm_while_waiting = False
         if device_stage2 is None:
             from rollout_workers import triton_kernels
             device_stage2 = triton_kernels.available(self.device)
