@@ -13,7 +13,8 @@ layers' (compiled the same way):
   [rows, 4096] activation can stay in L2 between the GEMMs and the quick-GELU pass);
 * ``stacked-autotune``: ``stacked`` compiled for each crop count's static shape with inductor's GEMM
   autotuning (cuBLAS against its Triton templates, persistent TMA ones included; the quick-GELU can then be
-  fused into a template's epilogue). Not yet run on a GPU;
+  fused into a template's epilogue). On an H100 cuBLAS won every large GEMM, nothing was fused, and the tower
+  was 2% slower (docs/PERFORMANCE.md);
 * ``stacked+cudnn``: the same compiled and captured with only cuDNN's attention enabled (eagerly
   it is faster than flash attention at these shapes; inside the compiled, captured tower it changed
   nothing on an H100, so the engine does not select it).
