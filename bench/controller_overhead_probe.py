@@ -3,7 +3,10 @@
     python bench/controller_overhead_probe.py --out runs/bench/controller_overhead_probe.json [--requests 200]
 
 The controller-overhead A/B (`bench/rollout_speed.py`) gives the total (0.73-1.04 ms on H100s) and the
-segments (Stage1 ~0.2 ms, Stage2 ~0.45-0.5 ms). This probe splits those segments. It runs the controlled
+segments (Stage1 ~0.2 ms, Stage2 ~0.45-0.5 ms). This probe splits those segments. It times the HOST Stage2
+path (`RequestEngine(device_stage2=False)`, and fixed decisions); on CUDA the request path now decides Stage2
+on the device by default (rollout_workers/device_stage2.py; its A/B is in `bench/rollout_speed.py
+--ab-host-stage2`). It runs the controlled
 path's steps as `RequestEngine.serve` does (same calls, same order; high tier, p = 1, the controller's own
 sampled top_k / num_blocks) with host timestamps (`time.perf_counter`) between the steps and CUDA events at
 the points where the GPU waits for the host:
