@@ -35,7 +35,7 @@ from rollout_workers.molmoe.config import MolmoeConfig  # noqa: E402
 from rollout_workers.molmoe.preprocessing import MolmoPreprocessor  # noqa: E402
 from rollout_workers.molmoe_backend import word_level_tokenizer  # noqa: E402
 from rollout_workers.request_path import SEGMENT_ORDER, RequestEngine  # noqa: E402
-from shared.controller import TwoStageController  # noqa: E402
+from shared.controller import TwoStageController, UniformStream  # noqa: E402
 from shared.knobs import ImportanceScores, KnobChoice, KnobSpace  # noqa: E402
 
 QUESTION = "what colour is the small circle in the top left corner of the picture"
@@ -237,11 +237,21 @@ def token_agreement_float32(device, pre, space: KnobSpace, importance, args) -> 
 def controller_ab(engines: dict, ctl: TwoStageController, image: bytes, pairs: int, tokens: int) -> dict:
     """Controlled path (the controller decides; budget token, split prefill, Stage2 sync) vs the plain
     path with the knobs it chose, one pair after the other; with several engines (e.g. Stage2 on the
-    device and on the host, sharing one executor) their pairs interleave. Returns {engine name: stats}."""
-    gens = {name: torch.Generator().manual_seed(0) for name in engines}
+    device and on the host, sharing one executor) their pairs interleave, in a shuffled order per round.
+    Returns {engine name: stats}."""
+    gens = {}
+    for name, engine in list(engines.items()):      # a value may be (engine, its generator or UniformStream)
+        if isinstance(engine, tuple):
+            engines[name], gens[name] = engine
+        else:
+            gens[name] = torch.Generator().manual_seed(0)
     acc = {name: {k: [] for k in ("diffs", "a", "b", "s1", "s2", "model")} for name in engines}
+    order_rng = np.random.default_rng(1)
+    names = list(engines)
     for i in range(pairs + 5):
-        for name, engine in engines.items():
+        # the variants' order is shuffled per round: a fixed order biased the comparison by ~0.05 ms
+        for name in order_rng.permutation(names):
+            engine = engines[name]
             a = engine.serve(image, QUESTION, 250.0, ctl, max_new_tokens=tokens, stop_at_eos=False,
                              generator=gens[name])
             b = engine.serve(image, QUESTION, 250.0, None, fixed=a.knobs, max_new_tokens=tokens, stop_at_eos=False)
@@ -293,6 +303,8 @@ def main() -> int:
                     help="fast engine decode through the Triton kernels (auto) or the generic grouped-GEMM path")
     ap.add_argument("--ab-host-stage2", action="store_true",
                     help="also the A/B with Stage2 decided on the host (the numpy act path), pairs interleaved")
+    ap.add_argument("--ab-stream", action="store_true",
+                    help="also the A/B with the controller's draws from a UniformStream (as rollout workers do)")
     ap.add_argument("--ab-warm", action="store_true",
                     help="also the A/B with the host's post-decision code run while polling (warm caches)")
     ap.add_argument("--ab-only", action="store_true",
@@ -358,6 +370,8 @@ def main() -> int:
     warm["captures_after_warmup"] = fast_exec.captures_after_warmup
     print(f"graphs captured after warm-up while switching 40 random settings: {fast_exec.captures_after_warmup}")
     engines = {"stage2 on the device": fast}
+    if args.ab_stream:           # the same engine, the draws from a UniformStream (as rollout workers do)
+        engines["stage2 on the device, uniform stream"] = (fast, UniformStream(torch.Generator().manual_seed(0)))
     if args.ab_warm:             # the same, running the host's post-decision code while polling (warm caches)
         warm_engine = RequestEngine(model, pre, space, importance, executor=fast_exec)
         warm_engine.warm_while_waiting = True
@@ -379,6 +393,8 @@ def main() -> int:
                 "stage2_on_device": fast.stage2_on_device is not None})
     if args.ab_host_stage2:
         out["controller_ab_fast_host_stage2"] = abs_["stage2 on the host"]
+    if args.ab_stream:
+        out["controller_ab_fast_uniform_stream"] = abs_["stage2 on the device, uniform stream"]
     if args.ab_warm:
         out["controller_ab_fast_warm_while_polling"] = abs_["stage2 on the device, warm while polling"]
     save()

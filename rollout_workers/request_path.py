@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from shared.backend import SampleError
-from shared.controller import HeadDecision, Stage1Features, Stage2Features, TwoStageController, check_budget_ms
+from shared.controller import (HeadDecision, Stage1Features, Stage2Features, TwoStageController, check_budget_ms,
+                               uniform_pair)
 from shared.knobs import ImportanceScores, KnobChoice, KnobSpace, select_blocks
 from rollout_workers.executors import EagerEngine
 from rollout_workers.timers import SegmentTimer
@@ -299,7 +300,7 @@ class RequestEngine:
             nb_mask = space.num_blocks_feasible(p)
             if dev_s2 is not None:      # Stage2's inputs other than the latency token go up before the prefix
                 dev_s2.prepare(controller, budget_ms)
-                uniforms = None if greedy else torch.rand(2, generator=generator).tolist()
+                uniforms = None if greedy else uniform_pair(generator)
                 dev_s2.set_inputs(p_idx=d_p.index, vision_tokens=tier_tokens[d_tier.index],
                                   charged_ms=sum(timer.charged_ms.values()), budget_ms=budget_ms, uniforms=uniforms,
                                   nb_mask=nb_mask)

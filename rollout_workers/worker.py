@@ -17,7 +17,7 @@ import torch
 from rollout_workers.backends import make_backend
 from shared.backend import SampleError, run_group, rollout_inputs, score_outcome
 from shared.budgets import BudgetSampler
-from shared.controller import TwoStageController
+from shared.controller import TwoStageController, UniformStream
 from shared.datasets import load_samples
 from shared.metrics import MetricsSink
 from shared.rewards import reward_fn_from_config
@@ -72,7 +72,8 @@ class RolloutWorker:
         self.val_controller = TwoStageController.from_config(cfg, self.backend.space, token_rms=info.token_rms)
         self.samples = {s.sample_id: s for split in ("train", "val") for s in load_samples(cfg, split)}
         self.budgets = BudgetSampler(cfg.budget, seed=cfg.system.seed * 7919 + worker_id + 1)
-        self.generator = torch.Generator().manual_seed(cfg.system.seed * 104729 + worker_id)
+        # the act path's draws, fetched in blocks (one torch call per 256 draws instead of one per stage)
+        self.generator = UniformStream(torch.Generator().manual_seed(cfg.system.seed * 104729 + worker_id))
         self.reward_fn = reward_fn_from_config(cfg.reward)
         self.version = -1
         self.groups_done = 0

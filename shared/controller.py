@@ -357,6 +357,39 @@ def _draw(lps: list[float], u: float) -> HeadDecision:
     return HeadDecision(idx, float(lps[idx]))
 
 
+class UniformStream:
+    """Uniform draws in [0, 1) from a `torch.Generator`, fetched `block` at a time.
+
+    The act path draws two uniforms per stage and request. One `torch.rand` call costs ~2 us in a loop but
+    ~40-160 us inside a request (torch's dispatcher is a lot of code, and after milliseconds of other work
+    it is out of the caches: docs/PERFORMANCE.md), and Stage1's draw sits where the GPU waits for the host.
+    A stream makes one torch call per `block` draws. Pass it wherever the act path takes a `generator`.
+    Deterministic given the generator's seed, but not the same numbers as drawing pairs from the generator
+    directly; it owns the generator (other draws from it, or re-seeding it, would not be seen by the values
+    already fetched)."""
+
+    def __init__(self, generator: torch.Generator | None = None, block: int = 256):
+        if block < 2:
+            raise ValueError(f"block must be at least 2, got {block}")
+        self.generator = generator
+        self.block = int(block)
+        self._buf: list[float] = []
+
+    def pair(self) -> tuple[float, float]:
+        buf = self._buf
+        if len(buf) < 2:
+            buf.extend(torch.rand(self.block, generator=self.generator).tolist())
+        return buf.pop(), buf.pop()
+
+
+def uniform_pair(generator: "torch.Generator | UniformStream | None") -> tuple[float, float]:
+    """Two uniforms from a generator (one torch call) or a `UniformStream`."""
+    if isinstance(generator, UniformStream):
+        return generator.pair()
+    u = torch.rand(2, generator=generator).tolist()
+    return u[0], u[1]
+
+
 class _NumpyAct:
     """The act path of one `TwoStageController` in float32 numpy: the same maths as the torch forward
     without torch's per-op dispatch (10-50 us per op on a busy host).
@@ -699,7 +732,7 @@ class TwoStageController(nn.Module):
         return (F.log_softmax(top_k_logits, -1), F.log_softmax(_masked_logits(nb_logits, nb_mask), -1))
 
     @staticmethod
-    def _pick(logp, greedy: bool, generator: torch.Generator | None) -> HeadDecision:
+    def _pick(logp, greedy: bool, generator: torch.Generator | UniformStream | None) -> HeadDecision:
         """Sample (or argmax, first index on ties) one option from log-probs [C] (a tensor or a list).
 
         Sampling is by inverse CDF on one uniform draw from `generator`, in plain Python: for a
@@ -707,17 +740,20 @@ class TwoStageController(nn.Module):
         (masked, log-prob -inf) are never returned.
         """
         lps = logp if isinstance(logp, list) else logp.tolist()
-        return _argmax(lps) if greedy else _draw(lps, float(torch.rand((), generator=generator)))
+        if greedy:
+            return _argmax(lps)
+        u = generator.pair()[0] if isinstance(generator, UniformStream) else float(torch.rand((), generator=generator))
+        return _draw(lps, u)
 
     @staticmethod
     def _pick_pair(a: list[float], b: list[float], greedy: bool,
-                   generator: torch.Generator | None) -> tuple[HeadDecision, HeadDecision]:
-        """`_pick` for the two heads of a stage with one draw of two uniforms (the same stream as two
-        single draws, one torch call less)."""
+                   generator: torch.Generator | UniformStream | None) -> tuple[HeadDecision, HeadDecision]:
+        """`_pick` for the two heads of a stage with one draw of two uniforms (from a generator: the same
+        stream as two single draws, one torch call less; or from a `UniformStream`)."""
         if greedy:
             return _argmax(a), _argmax(b)
-        u = torch.rand(2, generator=generator).tolist()
-        return _draw(a, u[0]), _draw(b, u[1])
+        u0, u1 = uniform_pair(generator)
+        return _draw(a, u0), _draw(b, u1)
 
     def _act_budget_embedding(self, budget_ms: float) -> torch.Tensor:
         """[1, budget_dim] budget embedding for the act path, cached for the last budget.

@@ -478,3 +478,28 @@ def test_sinusoidal_code_shape_range_and_act_path_equality():
         assert torch.equal(sinusoidal_code(b[i:i + 1], 256), code[i:i + 1])
     with pytest.raises(ValueError, match="even"):
         sinusoidal_code(b, 7)
+
+
+def test_uniform_stream_draws_blocks_from_its_generator():
+    """A UniformStream hands out the generator's uniforms a block at a time (one torch call per block),
+    deterministically by seed; the act path samples with them exactly as with explicit draws."""
+    from shared.controller import UniformStream, _draw
+
+    ref = torch.rand(8, generator=torch.Generator().manual_seed(4)).tolist()
+    s = UniformStream(torch.Generator().manual_seed(4), block=4)
+    got = [s.pair() for _ in range(4)]
+    assert got == [(ref[3], ref[2]), (ref[1], ref[0]), (ref[7], ref[6]), (ref[5], ref[4])]
+    with pytest.raises(ValueError, match="block"):
+        UniformStream(block=1)
+    ctl = controller(seed=2)
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        f1, f2 = features(ctl, rng, p_idx=i % len(ctl.space.positions))
+        stream = UniformStream(torch.Generator().manual_seed(i), block=6)
+        mirror = UniformStream(torch.Generator().manual_seed(i), block=6)
+        d = (*ctl.act_stage1(f1, generator=stream), *ctl.act_stage2(f1.budget_ms, f2, generator=stream))
+        lt, lp = ctl.act_arrays(1).stage1(f1.budget_ms, f1)
+        lk, ln = ctl.act_arrays(2).stage2(f1.budget_ms, f2)
+        u = [*mirror.pair(), *mirror.pair()]
+        want = [_draw(lt, u[0]), _draw(lp, u[1]), _draw(lk, u[2]), _draw(ln, u[3])]
+        assert [x.index for x in d] == [w.index for w in want]
