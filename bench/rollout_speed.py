@@ -239,12 +239,10 @@ def controller_ab(engines: dict, ctl: TwoStageController, image: bytes, pairs: i
     path with the knobs it chose, one pair after the other; with several engines (e.g. Stage2 on the
     device and on the host, sharing one executor) their pairs interleave, in a shuffled order per round.
     Returns {engine name: stats}."""
-    gens = {}
-    for name, engine in list(engines.items()):      # a value may be (engine, its generator or UniformStream)
-        if isinstance(engine, tuple):
-            engines[name], gens[name] = engine
-        else:
-            gens[name] = torch.Generator().manual_seed(0)
+    # a value may be (engine, its generator or UniformStream)
+    pairs_of = {name: e if isinstance(e, tuple) else (e, torch.Generator().manual_seed(0)) for name, e in engines.items()}
+    engines = {name: e for name, (e, _) in pairs_of.items()}
+    gens = {name: g for name, (_, g) in pairs_of.items()}
     acc = {name: {k: [] for k in ("diffs", "a", "b", "s1", "s2", "model")} for name in engines}
     order_rng = np.random.default_rng(1)
     names = list(engines)
@@ -305,8 +303,6 @@ def main() -> int:
                     help="also the A/B with Stage2 decided on the host (the numpy act path), pairs interleaved")
     ap.add_argument("--ab-stream", action="store_true",
                     help="also the A/B with the controller's draws from a UniformStream (as rollout workers do)")
-    ap.add_argument("--ab-warm", action="store_true",
-                    help="also the A/B with the host's post-decision code run while polling (warm caches)")
     ap.add_argument("--ab-only", action="store_true",
                     help="warm-up, graph-capture check and the controller A/B only (no setting sweep, no eager)")
     ap.add_argument("--groups", type=int, default=6, help="GRPO groups timed for the training rollout rate")
@@ -372,10 +368,6 @@ def main() -> int:
     engines = {"stage2 on the device": fast}
     if args.ab_stream:           # the same engine, the draws from a UniformStream (as rollout workers do)
         engines["stage2 on the device, uniform stream"] = (fast, UniformStream(torch.Generator().manual_seed(0)))
-    if args.ab_warm:             # the same, running the host's post-decision code while polling (warm caches)
-        warm_engine = RequestEngine(model, pre, space, importance, executor=fast_exec)
-        warm_engine.warm_while_waiting = True
-        engines["stage2 on the device, warm while polling"] = warm_engine
     if args.ab_host_stage2:      # the host act path on the same executor, pairs interleaved
         engines["stage2 on the host"] = RequestEngine(model, pre, space, importance, executor=fast_exec,
                                                       device_stage2=False)
@@ -395,8 +387,6 @@ def main() -> int:
         out["controller_ab_fast_host_stage2"] = abs_["stage2 on the host"]
     if args.ab_stream:
         out["controller_ab_fast_uniform_stream"] = abs_["stage2 on the device, uniform stream"]
-    if args.ab_warm:
-        out["controller_ab_fast_warm_while_polling"] = abs_["stage2 on the device, warm while polling"]
     save()
     gt = group_throughput(model, pre, space, importance, fast_exec, ctl, image, args.groups, args.group_size,
                           args.tokens)

@@ -14,10 +14,7 @@ the vision encoder and the prefix:
     copy the decision [6] to pinned memory; record an event
 
 and then polls the event and reads six numbers: the two chosen indices, their log-probs, the spent
-fraction and the elapsed ms. While it polls it may run the host code that follows the decision on
-placeholder values (`result(warm=...)`): after ~10 ms of waiting, host code runs several times slower than
-in a loop (cold caches; reproduced on CPU: `np.tanh` of 28 numbers takes 0.5 us in a loop and 17 us after a
-10 ms spin), and that code sits in the GPU's bubble. The latency state itself goes to the host after the rest of the prefill is
+fraction and the elapsed ms. The latency state itself goes to the host after the rest of the prefill is
 queued (`queue_state_copy`), off the critical path.
 
 The maths is that of `shared.controller._NumpyAct.stage2` (the same prepared matrices: the first layer's
@@ -36,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -250,16 +247,13 @@ class DeviceStage2:
             self.out_host.copy_(self.out, non_blocking=True)
             self.event.record()
 
-    def result(self, spin: bool = True, warm: Optional[Callable[[], object]] = None
-               ) -> tuple[int, float, int, float, float, float]:
-        """Wait for the queued decision: (top_k index, its log-prob, num_blocks index, its log-prob, spent
-        fraction, elapsed ms). With `spin`, `warm` (if given) runs between polls: the host code that follows
-        the decision, on placeholder values, so that it runs with warm caches (module docstring)."""
+    def result(self, spin: bool = True) -> tuple[int, float, int, float, float, float]:
+        """Wait for the queued decision (polling the event with `spin`): (top_k index, its log-prob,
+        num_blocks index, its log-prob, spent fraction, elapsed ms)."""
         if self.cuda:
             if spin:
                 while not self.event.query():
-                    if warm is not None:
-                        warm()
+                    pass
             else:
                 self.event.synchronize()
             v = self._out_np.tolist()
@@ -298,14 +292,6 @@ class DeviceStage2:
         self.out.copy_(self._run())
 
     def _capture(self, fn):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):          # compile and warm up outside the capture
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
+        from rollout_workers.fast_engine import capture_graph
         self.captured += 1
-        return g
+        return capture_graph(fn)

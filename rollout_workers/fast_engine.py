@@ -206,6 +206,21 @@ def block_decode(w: BlockWeights, s: Shape, x: torch.Tensor, pos: torch.Tensor, 
     return x + y.view(1, 1, -1)
 
 
+def capture_graph(fn, pool=None) -> "torch.cuda.CUDAGraph":
+    """Capture ``fn`` (which reads and writes only static buffers) as a CUDA graph on the current stream.
+    It runs twice on a side stream first, outside the capture (allocator, compilation, lazy init)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        fn()
+    return g
+
+
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``F.grouped_mm`` runs for this device/dtype (bf16 on recent CUDA cards; CPU in torch >= 2.10)."""
     if not hasattr(F, "grouped_mm"):
@@ -613,17 +628,8 @@ class FastEngine:
             self.captures_after_warmup += 1
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):    # warm-up runs outside the capture (allocator, compilation, lazy init)
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
-            fn()
         self.captured += 1
-        return g
+        return capture_graph(fn, self._pool)
 
     # ------------------------------------------------------------------ decode step pieces (graph bodies)
     def _embed_step(self) -> None:

@@ -126,10 +126,6 @@ class RequestEngine:
         self._memo: Optional[_PreprocessMemo] = None
         self.preprocess_reused = 0          # requests that reused a memo (part 1), for reports
         self.stage2_on_device = None
-        # while polling for the device's decision, run the host code that follows it on placeholder values
-        # (after ~10 ms of waiting that code runs several times slower: cold caches). Off: on two H100 hosts
-        # it changed the A/B by -0.061 and +0.027 ms, not distinguishable from the order effect (docs/PERFORMANCE.md)
-        self.warm_while_waiting = False
         if device_stage2 is None:
             from rollout_workers import triton_kernels
             device_stage2 = triton_kernels.available(self.device)
@@ -194,19 +190,6 @@ class RequestEngine:
         # the timer's event follows the copy: when it has completed, so has the copy
         elapsed = timer.elapsed_ms(spin=self.spin_wait)
         return stage.float().numpy().copy(), elapsed
-
-    def _warm_after_stage2(self, p: int):
-        """The host code that runs between the device's Stage2 decision and the rest of the prefill, on
-        placeholder values, for `RequestEngine.warm_while_waiting`."""
-        space, scores, out = self.space, self.importance.scores, self.stage2_on_device._out_np
-        top_ks, nbs = space.top_ks, space.num_blocks
-
-        def warm() -> None:
-            v = out.tolist()
-            HeadDecision(int(v[0]), v[1])
-            block_ids = select_blocks(p, nbs[-1], scores)
-            {b: top_ks[0] for b in block_ids if b >= p}
-        return warm
 
     def _decode_image(self, image_bytes: Optional[bytes]):
         if image_bytes is None:
@@ -311,8 +294,7 @@ class RequestEngine:
             # -- Stage2 (host sync: the decision needs the latency token and the elapsed time)
             if dev_s2 is not None:      # decided in the stream; the host reads the decision back
                 dev_s2.queue(h[0, -1])
-                warm = self._warm_after_stage2(p) if self.warm_while_waiting else None
-                k_idx, lp_k, nb_idx, lp_nb, spent_frac, _ = dev_s2.result(spin=self.spin_wait, warm=warm)
+                k_idx, lp_k, nb_idx, lp_nb, spent_frac, _ = dev_s2.result(spin=self.spin_wait)
                 d_k, d_nb = HeadDecision(k_idx, lp_k), HeadDecision(nb_idx, lp_nb)
                 f2 = Stage2Features(latency_state=None, p_idx=d_p.index, vision_tokens=tier_tokens[d_tier.index],
                                     spent_frac=float(spent_frac), nb_mask=nb_mask)     # the state after finish()
