@@ -239,7 +239,7 @@ def controller_ab(engines: dict, ctl: TwoStageController, image: bytes, pairs: i
     path with the knobs it chose, one pair after the other; with several engines (e.g. Stage2 on the
     device and on the host, sharing one executor) their pairs interleave, in a shuffled order per round.
     Returns {engine name: stats}."""
-    # a value may be (engine, its generator or UniformStream)
+    # a value may be (engine, its generator or UniformStream, or the string "greedy": argmax decisions)
     pairs_of = {name: e if isinstance(e, tuple) else (e, torch.Generator().manual_seed(0)) for name, e in engines.items()}
     engines = {name: e for name, (e, _) in pairs_of.items()}
     gens = {name: g for name, (_, g) in pairs_of.items()}
@@ -250,8 +250,9 @@ def controller_ab(engines: dict, ctl: TwoStageController, image: bytes, pairs: i
         # the variants' order is shuffled per round: a fixed order biased the comparison by ~0.05 ms
         for name in order_rng.permutation(names):
             engine = engines[name]
+            greedy = isinstance(gens[name], str)
             a = engine.serve(image, QUESTION, 250.0, ctl, max_new_tokens=tokens, stop_at_eos=False,
-                             generator=gens[name])
+                             greedy=greedy, generator=None if greedy else gens[name])
             b = engine.serve(image, QUESTION, 250.0, None, fixed=a.knobs, max_new_tokens=tokens, stop_at_eos=False)
             if i < 5:
                 continue
@@ -299,10 +300,14 @@ def main() -> int:
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--triton", choices=["auto", "off"], default="auto",
                     help="fast engine decode through the Triton kernels (auto) or the generic grouped-GEMM path")
+    ap.add_argument("--ab-host-stage1", action="store_true",
+                    help="also the A/B with Stage1 decided on the host (numpy act path; Stage2 on the device)")
     ap.add_argument("--ab-host-stage2", action="store_true",
-                    help="also the A/B with Stage2 decided on the host (the numpy act path), pairs interleaved")
+                    help="also the A/B with both stages decided on the host (the numpy act path), pairs interleaved")
     ap.add_argument("--ab-stream", action="store_true",
                     help="also the A/B with the controller's draws from a UniformStream (as rollout workers do)")
+    ap.add_argument("--ab-greedy", action="store_true",
+                    help="also the A/B with greedy decisions (no draws: what the serving path runs)")
     ap.add_argument("--ab-only", action="store_true",
                     help="warm-up, graph-capture check and the controller A/B only (no setting sweep, no eager)")
     ap.add_argument("--groups", type=int, default=6, help="GRPO groups timed for the training rollout rate")
@@ -365,12 +370,18 @@ def main() -> int:
             fast.serve(image, QUESTION, 1000.0, ctl, fixed=fixed, max_new_tokens=4)
     warm["captures_after_warmup"] = fast_exec.captures_after_warmup
     print(f"graphs captured after warm-up while switching 40 random settings: {fast_exec.captures_after_warmup}")
-    engines = {"stage2 on the device": fast}
+    # the variants share one executor; their pairs interleave
+    engines = {"stages on the device": fast}
     if args.ab_stream:           # the same engine, the draws from a UniformStream (as rollout workers do)
-        engines["stage2 on the device, uniform stream"] = (fast, UniformStream(torch.Generator().manual_seed(0)))
-    if args.ab_host_stage2:      # the host act path on the same executor, pairs interleaved
-        engines["stage2 on the host"] = RequestEngine(model, pre, space, importance, executor=fast_exec,
-                                                      device_stage2=False)
+        engines["stages on the device, uniform stream"] = (fast, UniformStream(torch.Generator().manual_seed(0)))
+    if args.ab_greedy:           # the same engine, argmax decisions (the serving path)
+        engines["stages on the device, greedy"] = (fast, "greedy")
+    if args.ab_host_stage1:      # Stage1 (and the language feature) on the host, Stage2 on the device
+        engines["stage1 on the host"] = RequestEngine(model, pre, space, importance, executor=fast_exec,
+                                                      device_stage1=False)
+    if args.ab_host_stage2:      # both stages on the host (the numpy act path)
+        engines["stages on the host"] = RequestEngine(model, pre, space, importance, executor=fast_exec,
+                                                      device_stage1=False, device_stage2=False)
     abs_ = controller_ab(engines, ctl, image, args.ab_pairs, args.tokens)
     for name, ab in abs_.items():
         print(f"controller overhead on the fast engine ({name}): median {ab['overhead_ms_median']:.3f} ms (95% CI "
@@ -379,14 +390,12 @@ def main() -> int:
               f"preprocess: {ab['overhead_excl_preprocess_ms_median']:.3f} ms (95% CI "
               f"{ab['overhead_excl_preprocess_ms_median_ci95'][0]:.3f}.."
               f"{ab['overhead_excl_preprocess_ms_median_ci95'][1]:.3f})", flush=True)
-    ab = abs_["stage2 on the device"]
+    ab = abs_["stages on the device"]
     warm["triton"] = fast_exec.triton
     out.update({"fast_warmup": warm, "fast": fast_rows, "controller_ab_fast": ab,
-                "stage2_on_device": fast.stage2_on_device is not None})
-    if args.ab_host_stage2:
-        out["controller_ab_fast_host_stage2"] = abs_["stage2 on the host"]
-    if args.ab_stream:
-        out["controller_ab_fast_uniform_stream"] = abs_["stage2 on the device, uniform stream"]
+                "stage1_on_device": fast.stage1_on_device is not None,
+                "stage2_on_device": fast.stage2_on_device is not None,
+                "controller_ab_variants": abs_})
     save()
     gt = group_throughput(model, pre, space, importance, fast_exec, ctl, image, args.groups, args.group_size,
                           args.tokens)

@@ -53,12 +53,12 @@ S_MASK = 8
 O_K, O_LP_K, O_NB, O_LP_NB, O_SPENT, O_ELAPSED = range(6)
 
 
-def _gelu2(x: torch.Tensor) -> torch.Tensor:
+def gelu2(x: torch.Tensor) -> torch.Tensor:
     """2 * GELU_tanh(x) (the next layer's weights carry the 0.5, as in the numpy act path)."""
     return x * (1.0 + torch.tanh(x * (_GELU_C + _GELU_CA * x * x)))
 
 
-def _draw(lp: torch.Tensor, u: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+def draw_index(lp: torch.Tensor, u: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
     """Index drawn from log-probs lp [C] (-inf = masked) by inverse CDF on the uniform u (as
     `shared.controller._draw`), or the first argmax when greedy > 0.5. Returns an int64 scalar tensor."""
     probs = lp.exp()
@@ -68,6 +68,22 @@ def _draw(lp: torch.Tensor, u: torch.Tensor, greedy: torch.Tensor) -> torch.Tens
     last = torch.where(probs > 0, ar, torch.zeros_like(ar)).max()       # round-off at the top
     drawn = torch.where(idx >= lp.shape[0], last, idx)
     return torch.where(greedy > 0.5, lp.argmax(), drawn)
+
+
+def upload(dst: torch.Tensor, arr: np.ndarray) -> None:
+    """dst <- arr; to a CUDA tensor through a pinned copy, non-blocking (torch's host allocator keeps the
+    pinned block until the copy has run), so it may be queued while the device is busy."""
+    src = torch.from_numpy(arr)
+    if dst.is_cuda:
+        dst.copy_(src.pin_memory(), non_blocking=True)
+    else:
+        dst.copy_(src)
+
+
+def wide(x: torch.Tensor, wide_scale: float) -> torch.Tensor:
+    """`shared.controller._wide` of one d-vector in float32: layer-normalised, times `wide_scale`."""
+    xc = x - x.mean()
+    return xc * (wide_scale * torch.rsqrt((xc * xc).mean() + _LN_EPS))
 
 
 def stage2_decide(state: torch.Tensor, scal: torch.Tensor, stamps: torch.Tensor, w_in: torch.Tensor,
@@ -91,24 +107,22 @@ def stage2_decide(state: torch.Tensor, scal: torch.Tensor, stamps: torch.Tensor,
     """
     K = num_top_k
     h = base.shape[1]
-    x = state.float()
-    xc = x - x.mean()
-    wide = xc * (wide_scale * torch.rsqrt((xc * xc).mean() + _LN_EPS))
+    wide_state = wide(state.float(), wide_scale)
     elapsed_ms = (stamps[1] - stamps[0]).float() * 1e-6 + scal[S_CHARGED]
     spent = elapsed_ms / scal[S_BUDGET]
     pair = torch.stack([scal[S_VISION] / token_scale, spent])[:, None]           # [2, 1]
     angles = pair * freqs[None, :]
     codes = torch.cat([pair, torch.sin(angles), torch.cos(angles)], dim=1).reshape(-1)
     p_row = base.index_select(0, scal[S_P:S_P + 1].long())[0]
-    a = _gelu2(w_in @ torch.cat([wide, codes]) + p_row)
-    b = _gelu2(later1[:, :h] @ a + later1[:, h])
+    a = gelu2(w_in @ torch.cat([wide_state, codes]) + p_row)
+    b = gelu2(later1[:, :h] @ a + later1[:, h])
     logits = heads[:, :h] @ b + heads[:, h]
     lk = F.log_softmax(logits[:K], dim=0)
     mask = scal[S_MASK:S_MASK + logits.shape[0] - K] > 0.5
     ln = F.log_softmax(logits[K:].masked_fill(~mask, float("-inf")), dim=0)
     greedy = scal[S_GREEDY]
-    k_idx = _draw(lk, scal[S_U_K], greedy)
-    nb_idx = _draw(ln, scal[S_U_NB], greedy)
+    k_idx = draw_index(lk, scal[S_U_K], greedy)
+    nb_idx = draw_index(ln, scal[S_U_NB], greedy)
     # gather, not lk[k_idx]: indexing with a tensor checks its bounds on the host (a sync, not capturable)
     return torch.cat([k_idx.float().view(1), lk.gather(0, k_idx.view(1)), nb_idx.float().view(1),
                       ln.gather(0, nb_idx.view(1)), spent.view(1), elapsed_ms.view(1)])
@@ -273,13 +287,7 @@ class DeviceStage2:
         return src.float().numpy().copy()
 
     def _upload(self, dst: torch.Tensor, arr: np.ndarray) -> None:
-        """dst <- arr; on CUDA through a pinned copy, non-blocking (torch's host allocator keeps the pinned
-        block until the copy has run)."""
-        src = torch.from_numpy(arr)
-        if self.cuda:
-            dst.copy_(src.pin_memory(), non_blocking=True)
-        else:
-            dst.copy_(src)
+        upload(dst, arr)
 
     # ------------------------------------------------------------------------------------------
     def _run(self) -> torch.Tensor:

@@ -2,8 +2,9 @@
 (rollout_workers/executors.py: the eager reference, or rollout_workers/fast_engine.py).
 
     bytes + question + budget
-      -> preprocess (decode, size probe, tokenise, language feature)         [preprocess_ms]
-      -> Stage1: tier, p (tiers that would change nothing are masked)        [stage1_ms]
+      -> preprocess (decode, size probe)                                     [preprocess_ms]
+      -> Stage1: the question's ids and language feature; tier, p (tiers that
+         would change nothing are masked)                                    [stage1_ms]
       -> crops at the chosen tier                                            [preprocess_ms]
       -> vision encoder + connector, input embeddings                        [vision_ms]
       -> [BOS, image, text, BUDGET TOKEN] through blocks 0..p-1, native top_k [prefix_ms]
@@ -17,16 +18,23 @@ position sees it; the first answer token is read from the position before it; it
 dropped before decoding and positions continue as if it were absent. So with fixed knobs, the
 budget-token path and the plain path give the same logits at every generated step (tested).
 
-Without a controller (`controller=None`, fixed knobs) the plain path runs: no budget token, one
-prefill over the selected blocks, no mid-prefill synchronisation. It is the "B" side of the
-controller-overhead A/B and what static baselines use.
+Without a controller (`controller=None`, fixed knobs) the plain path runs: no language feature, no
+budget token, one prefill over the selected blocks, no mid-prefill synchronisation. It is the "B" side
+of the controller-overhead A/B and what static baselines use. (Its result still carries the question's
+language feature, for records: computed after the request, outside its latency.)
+
+On CUDA both decisions are made on the device by default (rollout_workers/device_stage1.py: the language
+feature and Stage1 in one graph; rollout_workers/device_stage2.py: Stage2 right after the prefix); the
+host reads back a few numbers. `device_stage1=False` / `device_stage2=False`, or fixed decisions, keep the
+host act path (numpy) for that stage.
 
 Shared preprocessing (`reuse_preprocess=True`, what rollout workers use): a GRPO group runs G requests
-on the same image bytes and question, and their preprocessing (decoding, size probe, tokenising, the
-language feature; the crops of each tier) is the same work on the same input. It is done once; each
-later request on the same inputs reuses it and is charged the time the first one measured, so the
-latency the budget applies to is unchanged, but a worker decodes each image once per group, not G
-times. Only the same bytes object is recognised (identity, no hashing).
+on the same image bytes and question, and their preprocessing (decoding, size probe; the crops of each
+tier) is the same work on the same input. It is done once; each later request on the same inputs reuses
+it and is charged the time the first one measured, so the latency the budget applies to is unchanged,
+but a worker decodes each image once per group, not G times. Only the same bytes object is recognised
+(identity, no hashing). The question's token ids are kept with it (the language feature is computed in
+every request's Stage1 window, on the device, or on the host and then kept too).
 """
 from __future__ import annotations
 
@@ -55,8 +63,9 @@ class _PreprocessMemo:
     question: str
     rgb: Optional[np.ndarray]
     tier_tokens: list[int]
-    lang_feat: np.ndarray
     part1_ms: float
+    question_ids: Optional[list[int]] = None
+    lang_feat: Optional[np.ndarray] = None
     crops: dict = field(default_factory=dict)      # max_crops -> (preprocessed inputs, ms)
 
 
@@ -101,10 +110,14 @@ class RequestEngine:
             (rollout_workers/device_stage2.py): the host reads back six numbers instead of running the
             controller between the prefix and the rest of the prefill. Default: on CUDA with Triton. Not
             used with `fixed` decisions (they keep the host path).
+        device_stage1: compute the language feature and decide Stage1 on the device in one graph
+            (rollout_workers/device_stage1.py): the host reads back four numbers. Default: on CUDA. Not
+            used with `fixed` decisions, nor for questions longer than its buffer (host path).
     """
 
     def __init__(self, model, preprocessor, space: KnobSpace, importance: ImportanceScores, executor=None,
-                 reuse_preprocess: bool = False, spin_wait: bool = True, device_stage2: Optional[bool] = None):
+                 reuse_preprocess: bool = False, spin_wait: bool = True, device_stage2: Optional[bool] = None,
+                 device_stage1: Optional[bool] = None):
         cfg = model.config
         if (space.num_layers, space.num_experts, space.native_top_k) != (cfg.n_layers, cfg.num_experts, cfg.top_k):
             raise ValueError(f"knob space is for {space.num_layers} blocks x {space.num_experts} experts (native top_k "
@@ -133,14 +146,26 @@ class RequestEngine:
             from rollout_workers.device_stage2 import DeviceStage2
             self.stage2_on_device = DeviceStage2(self.device, space, model.dtype, cfg.d_model,
                                                  compile=bool(getattr(self.executor, "compile", False)))
+        self.stage1_on_device = None
+        if device_stage1 is None:
+            device_stage1 = self.device.type == "cuda"
+        if device_stage1:
+            from rollout_workers.device_stage1 import DeviceStage1
+            self.stage1_on_device = DeviceStage1(self.device, space, model.embed_tokens, cfg.d_model,
+                                                 compile=bool(getattr(self.executor, "compile", False)))
 
     # ------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def language_feature(self, question: str) -> np.ndarray:
-        """Mean word embedding of the question text (frozen LLM table): [d_model] float32."""
+    def question_ids(self, question: str) -> list[int]:
+        """The question text's token ids (what the language feature averages); a SampleError if none."""
         ids = self.tok.encode(question)
         if not ids:
             raise SampleError("the question tokenises to nothing")
+        return ids
+
+    @torch.no_grad()
+    def language_feature(self, question: str, ids: Optional[list[int]] = None) -> np.ndarray:
+        """Mean word embedding of the question text (frozen LLM table): [d_model] float32."""
+        ids = self.question_ids(question) if ids is None else ids
         emb = self.model.embed_tokens(torch.tensor(ids, device=self.device))
         return emb[0].float().mean(0).cpu().numpy()
 
@@ -220,11 +245,13 @@ class RequestEngine:
         if dev_s2 is not None:
             dev_s2.start()
 
-        # -- preprocess (part 1): decode, probe size, tokenise, language feature ----------------
+        # -- preprocess (part 1): decode, probe size ---------------------------------------------
         memo = self._memo
         if not (self.reuse_preprocess and memo is not None and memo.image is image_bytes
                 and memo.question == question):
             memo = None
+        q_ids: Optional[list[int]] = None
+        lang_feat: Optional[np.ndarray] = None
         if memo is None:
             rgb = self._decode_image(image_bytes)
             if rgb is not None:
@@ -233,21 +260,35 @@ class RequestEngine:
                 tier_tokens = [int(c[1]) for c in counts]
             else:
                 tier_tokens = [0] * space.num_tiers
-            lang_feat = self.language_feature(question)
         else:
-            rgb, tier_tokens, lang_feat = memo.rgb, list(memo.tier_tokens), memo.lang_feat
+            rgb, tier_tokens = memo.rgb, list(memo.tier_tokens)
+            q_ids, lang_feat = memo.question_ids, memo.lang_feat
             timer.charge("preprocess_ms", memo.part1_ms)
             self.preprocess_reused += 1
         f1 = Stage1Features(lang_feat=lang_feat, budget_ms=budget_ms, tier_tokens=tier_tokens,
                             tier_mask=space.tier_mask(tier_tokens), p_mask=[True] * len(space.positions))
         timer.mark("preprocess_ms")
 
-        # -- Stage1 -----------------------------------------------------------------------------
+        # -- Stage1: the controller's input (the question's ids and language feature), tier and p -------
+        dev_s1 = None
+        if controller is not None:
+            if q_ids is None:
+                q_ids = self.question_ids(question)
+            dev_s1 = self.stage1_on_device
+            if fixed is not None or dev_s1 is None or not dev_s1.fits(len(q_ids)):
+                dev_s1 = None
+                if f1.lang_feat is None:
+                    f1.lang_feat = self.language_feature(question, q_ids)
         if fixed is not None:
             ti, pi, ki, ni = space.index_of(fixed)
             if not f1.tier_mask[ti]:        # a collapsed tier runs as the cheapest equal tier
                 ti = tier_tokens.index(tier_tokens[ti])
             d_tier, d_p = HeadDecision(ti, 0.0), HeadDecision(pi, 0.0)
+        elif dev_s1 is not None:            # decided in the stream; the host reads the decision back
+            dev_s1.prepare(controller, budget_ms)
+            dev_s1.queue(q_ids, tier_tokens, f1.tier_mask, f1.p_mask, None if greedy else uniform_pair(generator))
+            t_idx, lp_t, p_idx, lp_p = dev_s1.result(spin=self.spin_wait)
+            d_tier, d_p = HeadDecision(t_idx, lp_t), HeadDecision(p_idx, lp_p)
         else:
             d_tier, d_p = controller.act_stage1(f1, greedy=greedy, generator=generator)
         p = space.positions[d_p.index]
@@ -356,10 +397,17 @@ class RequestEngine:
         segments = timer.finish()
         if dev_s2 is not None:
             f2.latency_state = dev_s2.latency_state()
+        if dev_s1 is not None:
+            f1.lang_feat = dev_s1.lang_feat()
+        elif f1.lang_feat is None:          # the plain path: for the record, outside the request's latency
+            f1.lang_feat = self.language_feature(question, q_ids)
         if self.reuse_preprocess:
             pre_ms = [ms for name, ms in timer.deltas if name == "preprocess_ms"]    # [part 1, part 2]
             if memo is None:
-                memo = _PreprocessMemo(image_bytes, question, rgb, list(tier_tokens), lang_feat, pre_ms[0])
+                memo = _PreprocessMemo(image_bytes, question, rgb, list(tier_tokens), pre_ms[0])
+            memo.question_ids = q_ids if q_ids is not None else memo.question_ids
+            if memo.lang_feat is None:
+                memo.lang_feat = f1.lang_feat
             if crops_hit is None:
                 memo.crops[max_crops] = (inputs, pre_ms[1])
             self._memo = memo
