@@ -13,7 +13,11 @@ per-request scalars into one pinned buffer and queues:
     copy the decision [4] to pinned memory; record an event
     copy the language feature [d] to pinned memory (for the record; read after the request)
 
-and polls the event for four numbers: the tier and p indices and their log-probs.
+and polls the event for four numbers: the tier and p indices and their log-probs. On CUDA the three
+copies are nodes of the graph (a pinned buffer's copy in a graph reads or writes the buffer when the graph
+runs), so the host makes two calls in the window: the replay and the event. Host code is slow there (it
+follows milliseconds of image decoding or waiting: 10-40x slower per call than in a loop on these
+hosts, docs/PERFORMANCE.md), so the number of calls is what counts.
 
 The maths is `shared.controller._NumpyAct.stage1`'s (its prepared matrices: the first layer's columns over
 the wide language feature and the tier token counts, the per-budget term, the later layers with GELU's
@@ -178,21 +182,12 @@ class DeviceStage1:
         if len(tier_tokens) != T or len(tier_mask) != T or len(p_mask) != P:
             raise ValueError(f"tier counts/mask of {len(tier_tokens)}/{len(tier_mask)} for {T} tiers, a p mask of "
                              f"{len(p_mask)} for {P} positions")
-        s = self._scal_np     # numpy view of the pinned buffer: element writes without torch dispatch
-        s[I_N] = n
-        if uniforms is None:
-            s[I_U_TIER] = s[I_U_P] = 0.0
-            s[I_GREEDY] = 1.0
-        else:
-            s[I_U_TIER], s[I_U_P] = uniforms
-            s[I_GREEDY] = 0.0
-        s[HEADER:HEADER + T] = tier_tokens
-        s[HEADER + T:HEADER + 2 * T] = tier_mask
-        s[HEADER + 2 * T:self.ids_at] = p_mask
-        s[self.ids_at:self.ids_at + n] = ids        # ids < 2**24 are exact in float32
-        s[self.ids_at + n:] = 0.0
+        head = [n, 0.0, 0.0, 1.0] if uniforms is None else [n, uniforms[0], uniforms[1], 0.0]
+        # one write into the numpy view of the pinned buffer (each call costs ~10x its loop time here); ids
+        # < 2**24 are exact in float32; rows past n keep earlier ids (valid rows, masked out of the mean)
+        values = head + list(tier_tokens) + list(tier_mask) + list(p_mask) + list(ids)
+        self._scal_np[:len(values)] = values
         # the previous request's copy out of this buffer has completed: each request waited for its decision
-        self.scal.copy_(self.scal_host, non_blocking=True)
         self.decided += 1
         if self.use_graph:
             if self._graph is None:
@@ -201,9 +196,7 @@ class DeviceStage1:
         else:
             self._body()
         if self.cuda:
-            self.out_host.copy_(self.out, non_blocking=True)
             self.event.record()
-            self.lang_host.copy_(self.lang, non_blocking=True)    # for the record, read after the request
 
     def result(self, spin: bool = True) -> tuple[int, float, int, float]:
         """Wait for the queued decision (polling the event with `spin`): (tier index, its log-prob, p index,
@@ -227,13 +220,19 @@ class DeviceStage1:
 
     # ------------------------------------------------------------------------------------------
     def _body(self) -> None:
+        """Inputs up, the decision, the decision and the language feature down (pinned, so the copies can be
+        graph nodes)."""
         w = self._w
+        self.scal.copy_(self.scal_host, non_blocking=True)
         ids = self.scal[self.ids_at:].long()
         emb = self.embed(ids)[0]
         out, lang = self._decide(emb, self.scal, w["w_in"], w["base"], w["later1"], w["heads"], self._consts[0],
                                  self._consts[1], self.num_tiers, self.num_positions)
         self.out.copy_(out)
         self.lang.copy_(lang)
+        if self.cuda:
+            self.out_host.copy_(self.out, non_blocking=True)
+            self.lang_host.copy_(self.lang, non_blocking=True)
 
     def _capture(self, fn):
         from rollout_workers.fast_engine import capture_graph

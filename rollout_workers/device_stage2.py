@@ -10,8 +10,9 @@ the vision encoder and the prefix:
                                                      greedy flag, the num_blocks mask
     [prefix blocks 0..p-1]
     copy the latency-token row into a static buffer
-    graph: stamp the GPU clock; Stage2's MLP, log-softmax heads, draw or argmax   (one CUDA graph)
-    copy the decision [6] to pinned memory; record an event
+    graph: stamp the GPU clock; Stage2's MLP, log-softmax heads, draw or argmax;
+           copy the decision [6] to pinned memory                               (one CUDA graph)
+    record an event
 
 and then polls the event and reads six numbers: the two chosen indices, their log-probs, the spent
 fraction and the elapsed ms. The latency state itself goes to the host after the rest of the prefill is
@@ -255,10 +256,8 @@ class DeviceStage2:
                 self._graph = self._capture(self._body)
             self._graph.replay()
         else:
-            self.stamp(1)
-            self.out.copy_(self._run())
+            self._body()
         if self.cuda:
-            self.out_host.copy_(self.out, non_blocking=True)
             self.event.record()
 
     def result(self, spin: bool = True) -> tuple[int, float, int, float, float, float]:
@@ -296,8 +295,12 @@ class DeviceStage2:
                             self.freqs, self._consts[0], self._consts[1], self.num_top_k)
 
     def _body(self) -> None:
+        """Stamp, decide, and the decision down to pinned memory (a node of the graph on CUDA: one host call
+        less in the bubble)."""
         self.stamp(1)
         self.out.copy_(self._run())
+        if self.cuda:
+            self.out_host.copy_(self.out, non_blocking=True)
 
     def _capture(self, fn):
         from rollout_workers.fast_engine import capture_graph

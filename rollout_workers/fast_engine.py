@@ -121,33 +121,72 @@ def moe(w: BlockWeights, s: Shape, x: torch.Tensor, top_k: torch.Tensor) -> torc
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, idx = torch.topk(probs, kmax, dim=-1)                          # [N, kmax], descending
     rank = torch.arange(kmax, device=x.device)
+    if n > 1:
+        return _moe_grouped(w, s, x, top_k, weights, idx)
+    # decode: one token, whose slots (sorted by expert) are already grouped
     idx = torch.where(rank < top_k, idx, E)                                  # ranks >= top_k -> sentinel
     idx, order = idx.sort(dim=-1)                                           # ascending expert per token
     weights = weights.gather(-1, order).to(logits.dtype)
-    if n == 1:     # decode: the token's slots are already grouped by expert
-        expert_of_row, dest = idx[0], None
-        rows = x.expand(kmax, -1).contiguous()
-    else:          # counting sort of the (token, slot) pairs by expert, stable in token order
-        flat = idx.reshape(-1)                                              # [N*kmax]
-        onehot = F.one_hot(flat, E + 1)                                     # [N*kmax, E+1]
-        rank = (onehot.cumsum(0) - onehot).gather(1, flat[:, None])[:, 0]  # earlier pairs of the same expert
-        start = onehot.sum(0).cumsum(0) - onehot.sum(0)                     # [E+1] first row of each expert
-        dest = start[flat] + rank                                           # grouped position of each pair
-        expert_of_row = torch.empty_like(flat).index_copy_(0, dest, flat)
-        rows = torch.empty(n * kmax, x.shape[1], dtype=x.dtype, device=x.device).index_copy_(
-            0, dest, x.repeat_interleave(kmax, dim=0))
+    expert_of_row = idx[0]
+    rows = x.expand(kmax, -1).contiguous()
     counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
     counts.scatter_add_(0, expert_of_row, torch.ones_like(expert_of_row, dtype=torch.int32))
     offs = torch.cumsum(counts[:E], 0, dtype=torch.int32)                  # the sentinel group is left out
     gate, up = expert_mm(rows, w.gate_up, expert_of_row, offs, s.grouped).chunk(2, dim=-1)
-    out = expert_mm(F.silu(gate) * up, w.down, expert_of_row, offs, s.grouped)   # [N*kmax, D]
+    out = expert_mm(F.silu(gate) * up, w.down, expert_of_row, offs, s.grouped)   # [kmax, D]
     out = torch.where((expert_of_row < E)[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
-    if dest is not None:
-        out = out[dest]                                                     # back to (token, slot) order
     routed = out.view(n, kmax, -1) * weights[..., None]
     acc = routed[:, 0]
     for j in range(1, kmax):               # eager's per-expert index_add_ order; inactive slots add 0
         acc = acc + routed[:, j]
+    return acc
+
+
+def _moe_grouped(w: BlockWeights, s: Shape, x: torch.Tensor, top_k: torch.Tensor, weights: torch.Tensor,
+                 idx: torch.Tensor) -> torch.Tensor:
+    """:func:`moe` for N > 1 tokens, from the router's top k_max (``weights``, ``idx`` [N, kmax], descending).
+
+    The (token, expert) pairs are grouped by expert, in token order within a group, active pairs
+    (ranks < top_k) first and the inactive ones after the last group (the grouped GEMMs skip them), with
+    no sort: a pair's place in its group is the number of earlier tokens that chose the same expert (a
+    cumulative sum over the tokens of an [N, E] selection), and its slot among the token's experts in
+    ascending expert order is the number of its active pairs with a smaller expert id (k_max^2 compares
+    per token). The rows are gathered from ``x`` in grouped order; the expert outputs are gathered back
+    per token and slot, weighted and summed over the slots in ascending expert order (inactive slots add
+    0): one pass over the expert outputs when compiled. Same pairs, same grouped rows and the same sum
+    order as the one-hot counting sort of the per-token sorted slots that it replaced (kept as the
+    reference in tests/test_fast_engine.py and bench/moe_prefill_probe.py): bit-identical uncompiled;
+    compiled, the weighted outputs now stay float32 up to the sum (they were stored in bf16 first), so
+    bf16 results may differ by round-off."""
+    n, E, kmax, dev = x.shape[0], w.router.shape[0], s.k_max, x.device
+    rank = torch.arange(kmax, device=dev)
+    active = rank < top_k                                                   # [kmax]
+    experts = torch.arange(E, device=dev)
+    sel = ((idx[:, :, None] == experts) & active[:, None]).sum(1, dtype=torch.int32)   # [N, E] 0/1
+    csum = torch.cumsum(sel, 0, dtype=torch.int32)                          # [N, E] tokens <= t choosing e
+    counts = csum[-1]                                                       # [E] pairs per expert
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)                       # ends of the groups
+    before = (csum - sel).gather(1, idx)                                    # [N, kmax] earlier tokens, same expert
+    tok = torch.arange(n, device=dev)[:, None]
+    dest = torch.where(active, (offs - counts)[idx] + before,               # grouped position of each pair
+                       offs[-1] + tok * (kmax - top_k) + (rank - top_k)).long()   # inactive: past the groups
+    lower = ((idx[:, None, :] < idx[:, :, None]) & active).sum(-1)          # [N, kmax] active pairs, smaller id
+    slot = torch.where(active, lower, rank)                                 # place in ascending expert order
+    hit = slot[:, :, None] == rank                                          # [N, pair, slot] one-hot
+    g = torch.where(hit, dest[:, :, None], 0).sum(1)                        # [N, kmax] grouped row per slot
+    ws = torch.where(hit, weights[:, :, None], 0.0).sum(1).to(x.dtype)      # [N, kmax] its weight (exact)
+    token_of_row = torch.empty(n * kmax, dtype=torch.long, device=dev).index_copy_(
+        0, dest.view(-1), tok.expand(n, kmax).reshape(-1))
+    expert_of_row = torch.empty(n * kmax, dtype=torch.long, device=dev).index_copy_(
+        0, dest.view(-1), torch.where(active, idx, E).view(-1))
+    rows = x[token_of_row]                                                  # [N*kmax, D] grouped by expert
+    gate, up = expert_mm(rows, w.gate_up, expert_of_row, offs, s.grouped).chunk(2, dim=-1)
+    out = expert_mm(F.silu(gate) * up, w.down, expert_of_row, offs, s.grouped)   # [N*kmax, D]
+    routed = out[g] * ws[..., None]                                         # [N, kmax, D] per token and slot
+    zero = torch.zeros((), dtype=out.dtype, device=dev)
+    acc = torch.where(top_k > 0, routed[:, 0], zero)
+    for j in range(1, kmax):               # eager's per-expert index_add_ order; inactive slots add 0
+        acc = acc + torch.where(top_k > j, routed[:, j], zero)
     return acc
 
 

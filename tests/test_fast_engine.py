@@ -12,9 +12,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from rollout_workers.fast_engine import FastEngine, expert_mm, grouped_mm_supported, moe
+from rollout_workers.fast_engine import BlockWeights, FastEngine, Shape, expert_mm, grouped_mm_supported, moe
 from rollout_workers.molmoe.skip import top_k_override
 from rollout_workers.molmoe.loader import load_molmoe
 from rollout_workers.molmoe.make_tiny_checkpoint import make_tiny_checkpoint
@@ -139,6 +140,67 @@ def test_masked_top_k_moe_equals_the_transformers_block(tmp_path, k):
         want = layer.mlp(x)
     got = moe(fast_exec.weights[1], fast_exec.shape, x.view(9, -1), torch.tensor(k))
     torch.testing.assert_close(got.view(1, 9, -1), want, atol=1e-6, rtol=1e-5)
+
+
+def moe_onehot_reference(w: BlockWeights, s: Shape, x: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """fast_engine.moe before the sort-free prefill routing (verbatim): per-token sort of the slots, then a
+    one-hot cumsum counting sort of the (token, slot) pairs, rows by repeat_interleave + index_copy_."""
+    n, E, kmax = x.shape[0], w.router.shape[0], s.k_max
+    logits = F.linear(x, w.router)                                          # [N, E]
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, idx = torch.topk(probs, kmax, dim=-1)                          # [N, kmax], descending
+    rank = torch.arange(kmax, device=x.device)
+    idx = torch.where(rank < top_k, idx, E)                                  # ranks >= top_k -> sentinel
+    idx, order = idx.sort(dim=-1)                                           # ascending expert per token
+    weights = weights.gather(-1, order).to(logits.dtype)
+    if n == 1:     # decode: the token's slots are already grouped by expert
+        expert_of_row, dest = idx[0], None
+        rows = x.expand(kmax, -1).contiguous()
+    else:          # counting sort of the (token, slot) pairs by expert, stable in token order
+        flat = idx.reshape(-1)                                              # [N*kmax]
+        onehot = F.one_hot(flat, E + 1)                                     # [N*kmax, E+1]
+        rank = (onehot.cumsum(0) - onehot).gather(1, flat[:, None])[:, 0]  # earlier pairs of the same expert
+        start = onehot.sum(0).cumsum(0) - onehot.sum(0)                     # [E+1] first row of each expert
+        dest = start[flat] + rank                                           # grouped position of each pair
+        expert_of_row = torch.empty_like(flat).index_copy_(0, dest, flat)
+        rows = torch.empty(n * kmax, x.shape[1], dtype=x.dtype, device=x.device).index_copy_(
+            0, dest, x.repeat_interleave(kmax, dim=0))
+    counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, expert_of_row, torch.ones_like(expert_of_row, dtype=torch.int32))
+    offs = torch.cumsum(counts[:E], 0, dtype=torch.int32)                  # the sentinel group is left out
+    gate, up = expert_mm(rows, w.gate_up, expert_of_row, offs, s.grouped).chunk(2, dim=-1)
+    out = expert_mm(F.silu(gate) * up, w.down, expert_of_row, offs, s.grouped)   # [N*kmax, D]
+    out = torch.where((expert_of_row < E)[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    if dest is not None:
+        out = out[dest]                                                     # back to (token, slot) order
+    routed = out.view(n, kmax, -1) * weights[..., None]
+    acc = routed[:, 0]
+    for j in range(1, kmax):               # eager's per-expert index_add_ order; inactive slots add 0
+        acc = acc + routed[:, j]
+    return acc
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E,kmax", [(8, 3), (16, 8), (5, 5)])
+def test_sort_free_moe_routing_equals_the_one_hot_counting_sort(dtype, E, kmax):
+    """moe()'s prefill routing (no sort: cumsum over tokens, k_max^2 compares, gathered rows, fused
+    gather-weight-sum) is bit-identical, uncompiled, to the one-hot counting sort it replaced, for every
+    top_k up to k_max (ranks >= top_k inactive), the grouped and the per-row expert products, prefill
+    lengths from 2 rows and the one-token decode path."""
+    torch.manual_seed(E * 10 + kmax)
+    D, I = 32, 16
+    w = BlockWeights(*([None] * 6), torch.randn(E, D, dtype=dtype) * 0.5,
+                     torch.randn(E, 2 * I, D, dtype=dtype) * D ** -0.5, torch.randn(E, D, I, dtype=dtype) * I ** -0.5)
+    grouped_options = [False] + ([True] if grouped_mm_supported(torch.device("cpu"), dtype) else [])
+    for grouped in grouped_options:
+        s = Shape(2, 2, D // 2, 1e-5, None, kmax, 1.0, grouped)
+        for n in (1, 2, 9, 37):
+            x = torch.randn(n, D, dtype=dtype)
+            for k in range(1, kmax + 1):
+                top_k = torch.tensor(k)
+                want, got = moe_onehot_reference(w, s, x, top_k), moe(w, s, x, top_k)
+                assert got.shape == (n, D) and got.dtype == dtype
+                assert torch.equal(got, want), (grouped, n, k, float((got.float() - want.float()).abs().max()))
 
 
 def check_vision_layer(device: str, dtype: torch.dtype, n: int, S: int, width: int, heads: int, mlp: int,
