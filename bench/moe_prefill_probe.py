@@ -15,8 +15,8 @@ Variants (all the same maths: same experts, same weights, the k slots summed in 
 inactive slots adding 0; no host syncs, no data-dependent shapes):
 
 * ``current``: the routing before this probe (one-hot cumsum counting sort over [N*k_max, E+1] of the
-  per-token sorted slots, rows built by ``repeat_interleave`` + ``index_copy_``), copied here as
-  :func:`moe_onehot_reference`;
+  per-token sorted slots, rows built by ``repeat_interleave`` + ``index_copy_``), kept in the tests as
+  ``tests.test_fast_engine.moe_onehot_reference``;
 * ``engine``: ``rollout_workers.fast_engine.moe`` as it is now (no sort: a cumsum over the tokens of an
   [N, E] selection gives each pair's grouped row, k_max^2 compares its slot; rows gathered from ``x``;
   the expert outputs gathered back, weighted and summed in one pass);
@@ -52,43 +52,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from rollout_workers.fast_engine import BlockWeights, Shape, expert_mm, moe  # noqa: E402
-
-
-def moe_onehot_reference(w: BlockWeights, s: Shape, x: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """fast_engine.moe before this probe (both branches, verbatim): the one-hot counting sort."""
-    n, E, kmax = x.shape[0], w.router.shape[0], s.k_max
-    logits = F.linear(x, w.router)                                          # [N, E]
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    weights, idx = torch.topk(probs, kmax, dim=-1)                          # [N, kmax], descending
-    rank = torch.arange(kmax, device=x.device)
-    idx = torch.where(rank < top_k, idx, E)                                  # ranks >= top_k -> sentinel
-    idx, order = idx.sort(dim=-1)                                           # ascending expert per token
-    weights = weights.gather(-1, order).to(logits.dtype)
-    if n == 1:     # decode: the token's slots are already grouped by expert
-        expert_of_row, dest = idx[0], None
-        rows = x.expand(kmax, -1).contiguous()
-    else:          # counting sort of the (token, slot) pairs by expert, stable in token order
-        flat = idx.reshape(-1)                                              # [N*kmax]
-        onehot = F.one_hot(flat, E + 1)                                     # [N*kmax, E+1]
-        rank = (onehot.cumsum(0) - onehot).gather(1, flat[:, None])[:, 0]  # earlier pairs of the same expert
-        start = onehot.sum(0).cumsum(0) - onehot.sum(0)                     # [E+1] first row of each expert
-        dest = start[flat] + rank                                           # grouped position of each pair
-        expert_of_row = torch.empty_like(flat).index_copy_(0, dest, flat)
-        rows = torch.empty(n * kmax, x.shape[1], dtype=x.dtype, device=x.device).index_copy_(
-            0, dest, x.repeat_interleave(kmax, dim=0))
-    counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
-    counts.scatter_add_(0, expert_of_row, torch.ones_like(expert_of_row, dtype=torch.int32))
-    offs = torch.cumsum(counts[:E], 0, dtype=torch.int32)                  # the sentinel group is left out
-    gate, up = expert_mm(rows, w.gate_up, expert_of_row, offs, s.grouped).chunk(2, dim=-1)
-    out = expert_mm(F.silu(gate) * up, w.down, expert_of_row, offs, s.grouped)   # [N*kmax, D]
-    out = torch.where((expert_of_row < E)[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
-    if dest is not None:
-        out = out[dest]                                                     # back to (token, slot) order
-    routed = out.view(n, kmax, -1) * weights[..., None]
-    acc = routed[:, 0]
-    for j in range(1, kmax):               # eager's per-expert index_add_ order; inactive slots add 0
-        acc = acc + routed[:, j]
-    return acc
+# the routing before the sort-free one: kept in the tests as the reference it must equal
+from tests.test_fast_engine import moe_onehot_reference  # noqa: E402
 
 
 def moe_stable_sort(w: BlockWeights, s: Shape, x: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:

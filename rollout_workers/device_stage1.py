@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rollout_workers.device_stage2 import draw_index, gelu2, upload, wide
+from rollout_workers.device_decision import GraphedDecision, StageWeights, draw_index, gelu2, wide
 from shared.controller import TwoStageController
 from shared.knobs import KnobSpace
 
@@ -93,7 +93,7 @@ def stage1_decide(emb: torch.Tensor, scal: torch.Tensor, w_in: torch.Tensor, bas
     return out, lang
 
 
-class DeviceStage1:
+class DeviceStage1(GraphedDecision):
     """Stage1 and the language feature on the request's device for one `RequestEngine` (module docstring).
 
     Args:
@@ -133,10 +133,7 @@ class DeviceStage1:
         self.lang_host = torch.zeros(d_model, dtype=torch.float32, pin_memory=pin)
         self.event = torch.cuda.Event() if self.cuda else None
         self._decide = torch.compile(stage1_decide, dynamic=False) if compile else stage1_decide
-        self._w: Optional[dict] = None          # device copies of the prepared matrices
-        self._w_key = None                      # (numpy act object, its Stage1 key)
-        self._base_key = None                   # (numpy act object, its budget-encoder and Stage1 key, budget)
-        self._consts = (1.0, 1.0)               # (wide scale, token scale)
+        self._weights = StageWeights(dev, 1)    # Stage1's prepared matrices and budget term on the device
         self._graph = None
         self.captured = 0
         self.decided = 0                        # decisions queued (for reports and tests)
@@ -149,31 +146,15 @@ class DeviceStage1:
         """Bring the controller's Stage1 matrices and the budget's first-layer term to the device if they
         changed (new weights: once per policy version; new budget: once per GRPO group); pinned,
         non-blocking copies on CUDA."""
-        act = controller.act_arrays(1)
-        key = (act, act.stage_keys[1])
-        if self._w_key is None or self._w_key[0] is not key[0] or self._w_key[1] != key[1]:
-            mats = {"w_in": act.s1_in, "later1": act.s1_later[0], "heads": act.s1_later[1],
-                    "base": np.zeros(act.s1_in.shape[0], np.float32)}
-            if self._w is None or any(self._w[n].shape != tuple(m.shape) for n, m in mats.items()):
-                self._w = {n: torch.zeros(m.shape, dtype=torch.float32, device=self.device) for n, m in mats.items()}
-                self._graph = None            # new buffers: capture again
-            for n in ("w_in", "later1", "heads"):
-                upload(self._w[n], mats[n])
-            self._consts = (float(act.wide_d), float(act.token_scale))
-            self._w_key = key
-            self._base_key = None
-        base_key = (act, act.keys[1], float(budget_ms))
-        if (self._base_key is None or self._base_key[0] is not act or self._base_key[1] != base_key[1]
-                or self._base_key[2] != base_key[2]):
-            upload(self._w["base"], act.budget_term(1, float(budget_ms)))
-            self._base_key = base_key
+        if self._weights.sync(controller, budget_ms):
+            self._graph = None            # new device tensors: capture again
 
     def queue(self, ids: Sequence[int], tier_tokens: Sequence[int], tier_mask: Sequence[bool],
               p_mask: Sequence[bool], uniforms: Optional[Sequence[float]]) -> None:
         """Queue the decision: `ids` the question's token ids (`fits(len(ids))`), `uniforms` two draws from
         the caller's generator (tier, p) or None for greedy. `prepare` must have run for this controller and
         budget."""
-        if self._w is None or self._base_key is None:
+        if not self._weights.ready():
             raise RuntimeError("DeviceStage1.prepare(controller, budget_ms) must run before queue()")
         n = len(ids)
         if not self.fits(n):
@@ -189,27 +170,12 @@ class DeviceStage1:
         self._scal_np[:len(values)] = values
         # the previous request's copy out of this buffer has completed: each request waited for its decision
         self.decided += 1
-        if self.use_graph:
-            if self._graph is None:
-                self._graph = self._capture(self._body)
-            self._graph.replay()
-        else:
-            self._body()
-        if self.cuda:
-            self.event.record()
+        self._launch()
 
     def result(self, spin: bool = True) -> tuple[int, float, int, float]:
         """Wait for the queued decision (polling the event with `spin`): (tier index, its log-prob, p index,
         its log-prob)."""
-        if self.cuda:
-            if spin:
-                while not self.event.query():
-                    pass
-            else:
-                self.event.synchronize()
-            v = self._out_np.tolist()
-        else:
-            v = self.out.tolist()
+        v = self._read(spin)
         return int(v[O_TIER]), v[O_LP_TIER], int(v[O_P]), v[O_LP_P]
 
     def lang_feat(self) -> np.ndarray:
@@ -222,19 +188,14 @@ class DeviceStage1:
     def _body(self) -> None:
         """Inputs up, the decision, the decision and the language feature down (pinned, so the copies can be
         graph nodes)."""
-        w = self._w
+        w, (wide_scale, token_scale) = self._weights.w, self._weights.consts
         self.scal.copy_(self.scal_host, non_blocking=True)
         ids = self.scal[self.ids_at:].long()
         emb = self.embed(ids)[0]
-        out, lang = self._decide(emb, self.scal, w["w_in"], w["base"], w["later1"], w["heads"], self._consts[0],
-                                 self._consts[1], self.num_tiers, self.num_positions)
+        out, lang = self._decide(emb, self.scal, w["w_in"], w["base"], w["later1"], w["heads"], wide_scale,
+                                 token_scale, self.num_tiers, self.num_positions)
         self.out.copy_(out)
         self.lang.copy_(lang)
         if self.cuda:
             self.out_host.copy_(self.out, non_blocking=True)
             self.lang_host.copy_(self.lang, non_blocking=True)
-
-    def _capture(self, fn):
-        from rollout_workers.fast_engine import capture_graph
-        self.captured += 1
-        return capture_graph(fn)

@@ -32,7 +32,6 @@ after the timer's first event, on an idle stream). On CPU (tests) the stamps are
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Optional, Sequence
 
@@ -40,51 +39,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rollout_workers.device_decision import GraphedDecision, StageWeights, draw_index, gelu2, wide
 from shared.controller import SCALAR_CODE_DIM, SCALAR_CODE_MAX_FREQ, TwoStageController, _code_freqs
 from shared.knobs import KnobSpace
-
-_GELU_C = math.sqrt(2.0 / math.pi)
-_GELU_CA = math.sqrt(2.0 / math.pi) * 0.044715
-_LN_EPS = 1e-5
 
 # the per-request scalars, one float32 vector copied to the device per request
 S_P, S_VISION, S_CHARGED, S_BUDGET, S_U_K, S_U_NB, S_GREEDY = range(7)
 S_MASK = 8
 # the decision, six float32 values read back by the host
 O_K, O_LP_K, O_NB, O_LP_NB, O_SPENT, O_ELAPSED = range(6)
-
-
-def gelu2(x: torch.Tensor) -> torch.Tensor:
-    """2 * GELU_tanh(x) (the next layer's weights carry the 0.5, as in the numpy act path)."""
-    return x * (1.0 + torch.tanh(x * (_GELU_C + _GELU_CA * x * x)))
-
-
-def draw_index(lp: torch.Tensor, u: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
-    """Index drawn from log-probs lp [C] (-inf = masked) by inverse CDF on the uniform u (as
-    `shared.controller._draw`), or the first argmax when greedy > 0.5. Returns an int64 scalar tensor."""
-    probs = lp.exp()
-    cdf = probs.cumsum(0)
-    idx = (cdf <= u * cdf[-1]).sum()
-    ar = torch.arange(lp.shape[0], device=lp.device)
-    last = torch.where(probs > 0, ar, torch.zeros_like(ar)).max()       # round-off at the top
-    drawn = torch.where(idx >= lp.shape[0], last, idx)
-    return torch.where(greedy > 0.5, lp.argmax(), drawn)
-
-
-def upload(dst: torch.Tensor, arr: np.ndarray) -> None:
-    """dst <- arr; to a CUDA tensor through a pinned copy, non-blocking (torch's host allocator keeps the
-    pinned block until the copy has run), so it may be queued while the device is busy."""
-    src = torch.from_numpy(arr)
-    if dst.is_cuda:
-        dst.copy_(src.pin_memory(), non_blocking=True)
-    else:
-        dst.copy_(src)
-
-
-def wide(x: torch.Tensor, wide_scale: float) -> torch.Tensor:
-    """`shared.controller._wide` of one d-vector in float32: layer-normalised, times `wide_scale`."""
-    xc = x - x.mean()
-    return xc * (wide_scale * torch.rsqrt((xc * xc).mean() + _LN_EPS))
 
 
 def stage2_decide(state: torch.Tensor, scal: torch.Tensor, stamps: torch.Tensor, w_in: torch.Tensor,
@@ -129,7 +92,7 @@ def stage2_decide(state: torch.Tensor, scal: torch.Tensor, stamps: torch.Tensor,
                       ln.gather(0, nb_idx.view(1)), spent.view(1), elapsed_ms.view(1)])
 
 
-class DeviceStage2:
+class DeviceStage2(GraphedDecision):
     """Stage2 on the request's device for one `RequestEngine` (module docstring).
 
     Args:
@@ -169,10 +132,7 @@ class DeviceStage2:
         self.freqs = _code_freqs(SCALAR_CODE_DIM // 2, SCALAR_CODE_MAX_FREQ).to(dev)
         self.event = torch.cuda.Event() if self.cuda else None
         self._decide = torch.compile(stage2_decide, dynamic=False) if compile else stage2_decide
-        self._w: Optional[dict] = None          # device copies of the prepared matrices
-        self._w_key = None                      # (numpy act object, its Stage2 key)
-        self._base_key = None                   # (numpy act object, its Stage2 key, budget)
-        self._consts = (1.0, 1.0)               # (wide scale, token scale)
+        self._weights = StageWeights(dev, 2)    # Stage2's prepared matrices and budget term on the device
         self._graph = None
         self._inputs_set = False
         self._start_graph = None
@@ -200,31 +160,15 @@ class DeviceStage2:
         """Bring the controller's Stage2 matrices and the budget's first-layer term to the device if they
         changed (new weights: once per policy version; new budget: once per GRPO group). On CUDA the copies
         are queued from pinned staging memory (non-blocking), so this may run while the device is busy."""
-        act = controller.act_arrays(2)
-        key = (act, act.stage_keys[2])
-        if self._w_key is None or self._w_key[0] is not key[0] or self._w_key[1] != key[1]:
-            mats = {"w_in": act.s2_in, "later1": act.s2_later[0], "heads": act.s2_later[1],
-                    "base": np.zeros_like(act.s2_p)}
-            if self._w is None or any(self._w[n].shape != tuple(m.shape) for n, m in mats.items()):
-                self._w = {n: torch.zeros(m.shape, dtype=torch.float32, device=self.device) for n, m in mats.items()}
-                self._graph = None            # new buffers: capture again
-            for n in ("w_in", "later1", "heads"):
-                self._upload(self._w[n], mats[n])
-            self._consts = (float(act.wide_d), float(act.token_scale))
-            self._w_key = key
-            self._base_key = None
-        base_key = (act, act.keys[2], float(budget_ms))
-        if (self._base_key is None or self._base_key[0] is not act or self._base_key[1] != base_key[1]
-                or self._base_key[2] != base_key[2]):
-            self._upload(self._w["base"], act.budget_term(2, float(budget_ms)))
-            self._base_key = base_key
+        if self._weights.sync(controller, budget_ms):
+            self._graph = None            # new device tensors: capture again
 
     def set_inputs(self, *, p_idx: int, vision_tokens: int, charged_ms: float, budget_ms: float,
                    uniforms: Optional[Sequence[float]], nb_mask: Sequence[bool]) -> None:
         """Queue the per-request scalars' upload: `uniforms` (two, from the caller's generator) or None for
         greedy. Call before the prefix is queued, so that the copy runs before it, not between the prefix
         and the decision. `prepare` must have run for this controller and budget."""
-        if self._w is None or self._base_key is None or self._base_key[2] != float(budget_ms):
+        if not self._weights.ready(budget_ms):
             raise RuntimeError("DeviceStage2.prepare(controller, budget_ms) must run before the decision's inputs")
         if len(nb_mask) != self.num_nb:
             raise ValueError(f"a num_blocks mask of {len(nb_mask)} options for {self.num_nb}")
@@ -251,27 +195,12 @@ class DeviceStage2:
             raise RuntimeError("DeviceStage2.set_inputs(...) must run before queue()")
         self._inputs_set = False
         self.state.copy_(state_row)
-        if self.use_graph:
-            if self._graph is None:
-                self._graph = self._capture(self._body)
-            self._graph.replay()
-        else:
-            self._body()
-        if self.cuda:
-            self.event.record()
+        self._launch()
 
     def result(self, spin: bool = True) -> tuple[int, float, int, float, float, float]:
         """Wait for the queued decision (polling the event with `spin`): (top_k index, its log-prob,
         num_blocks index, its log-prob, spent fraction, elapsed ms)."""
-        if self.cuda:
-            if spin:
-                while not self.event.query():
-                    pass
-            else:
-                self.event.synchronize()
-            v = self._out_np.tolist()
-        else:
-            v = self.out.tolist()
+        v = self._read(spin)
         return int(v[O_K]), v[O_LP_K], int(v[O_NB]), v[O_LP_NB], v[O_SPENT], v[O_ELAPSED]
 
     def queue_state_copy(self) -> None:
@@ -285,14 +214,11 @@ class DeviceStage2:
         src = self.state_host if self.cuda else self.state
         return src.float().numpy().copy()
 
-    def _upload(self, dst: torch.Tensor, arr: np.ndarray) -> None:
-        upload(dst, arr)
-
     # ------------------------------------------------------------------------------------------
     def _run(self) -> torch.Tensor:
-        w = self._w
+        w, (wide_scale, token_scale) = self._weights.w, self._weights.consts
         return self._decide(self.state, self.scal, self.stamps, w["w_in"], w["base"], w["later1"], w["heads"],
-                            self.freqs, self._consts[0], self._consts[1], self.num_top_k)
+                            self.freqs, wide_scale, token_scale, self.num_top_k)
 
     def _body(self) -> None:
         """Stamp, decide, and the decision down to pinned memory (a node of the graph on CUDA: one host call
@@ -301,8 +227,3 @@ class DeviceStage2:
         self.out.copy_(self._run())
         if self.cuda:
             self.out_host.copy_(self.out, non_blocking=True)
-
-    def _capture(self, fn):
-        from rollout_workers.fast_engine import capture_graph
-        self.captured += 1
-        return capture_graph(fn)

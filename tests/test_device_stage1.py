@@ -14,22 +14,11 @@ import torch
 from rollout_workers.device_stage1 import DeviceStage1
 from shared.controller import Stage1Features, TwoStageController, _draw
 from shared.knobs import KnobSpace
+from tests.test_device_stage2 import _controller as _stage_controller
 
 
-def _space() -> KnobSpace:
-    return KnobSpace(("low", "medium", "high"), (3, 6, 12), (1, 2, 3, 4, 5), (4, 5, 6, 7, 8), (12, 13, 14, 15, 16),
-                     16, 64, 8)
-
-
-def _controller(d_model: int, seed: int, sharpen: float = 4.0) -> TwoStageController:
-    """A random controller with larger head weights, so that every head has unequal, non-flat probabilities."""
-    torch.manual_seed(seed)
-    ctl = TwoStageController(_space(), d_model)
-    with torch.no_grad():
-        for head in (ctl.stage1.tier_head, ctl.stage1.p_head):
-            head.weight.mul_(sharpen)
-            head.bias.normal_()
-    return ctl
+def _controller(d_model: int, seed: int) -> TwoStageController:
+    return _stage_controller(d_model, seed, stage=1)
 
 
 class _Table:

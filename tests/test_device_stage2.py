@@ -25,12 +25,14 @@ def _space() -> KnobSpace:
                      16, 64, 8)
 
 
-def _controller(d_model: int, seed: int, sharpen: float = 4.0) -> TwoStageController:
-    """A random controller with larger head weights, so that every head has unequal, non-flat probabilities."""
+def _controller(d_model: int, seed: int, sharpen: float = 4.0, stage: int = 2) -> TwoStageController:
+    """A random controller with larger head weights in `stage`, so that every head of it has unequal, non-flat
+    probabilities (also used by tests/test_device_stage1.py)."""
     torch.manual_seed(seed)
     ctl = TwoStageController(_space(), d_model)
+    heads = (ctl.stage2.top_k_head, ctl.stage2.nb_head) if stage == 2 else (ctl.stage1.tier_head, ctl.stage1.p_head)
     with torch.no_grad():
-        for head in (ctl.stage2.top_k_head, ctl.stage2.nb_head):
+        for head in heads:
             head.weight.mul_(sharpen)
             head.bias.normal_()
     return ctl
@@ -103,9 +105,9 @@ def test_spent_fraction_comes_from_the_stamps_and_the_charged_time():
         nb_mask = ctl.space.num_blocks_feasible(ctl.space.positions[p_idx])
         scal[:7] = torch.tensor([p_idx, 900, charged, budget, u[0], u[1], 0.0])
         scal[S_MASK:] = torch.tensor(nb_mask, dtype=torch.float32)
-        w = ds._w
+        w = ds._weights.w
         out = stage2_decide(state, scal, torch.tensor([10, 10 + elapsed_ns]), w["w_in"], w["base"], w["later1"],
-                            w["heads"], ds.freqs, ds._consts[0], ds._consts[1], 5).tolist()
+                            w["heads"], ds.freqs, *ds._weights.consts, 5).tolist()
         spent = (elapsed_ns * 1e-6 + charged) / budget
         assert out[4] == pytest.approx(spent, rel=1e-6) and out[5] == pytest.approx(elapsed_ns * 1e-6 + charged)
         f2 = Stage2Features(state.numpy(), p_idx, 900, float(out[4]), nb_mask)
