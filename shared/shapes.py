@@ -43,6 +43,11 @@ cells, one global-view token per cell:
 |              | (r: left of / right of / above / below; 6 shapes, N = 1..3 hops)       |        |
 | order_hopN   | What color is the next shape {right of / left of} (N times) the {c}   | colour |
 |              | shape? (one shape per column, 4 shapes, N = 1..2)                     |        |
+| row_hopN     | as order_hopN, the four shapes in one grid row (adjacent tokens)      | colour |
+
+ROW_FAMILIES exist because a linear probe found no grid column in the tiny model's image tokens
+(docs/RESULTS.md, "why the relation families are not learned"): in one row, "the next shape right of X"
+is the next image token after X's, an offset that attention over RoPE positions can express.
 
 Training-only auxiliary families (AUX_FAMILIES, never evaluated) and the families of the first two
 builds (LEGACY_FAMILIES: large_exists, small_color, small_count, small_corner) can be generated with
@@ -81,6 +86,7 @@ DEPTH_FAMILIES = ("more_color", "right_color")            # global view, two pie
 # in ~3,000 GPU steps, docs/RESULTS.md "Per-family gain: what was tried"); generate them with family=.
 GRID_FAMILIES = ("grid_hop1", "grid_hop2", "grid_hop3")   # 1-3 relations on a 4 x 4 grid
 ORDER_FAMILIES = ("order_hop1", "order_hop2")             # 1-2 "next shape left/right" hops, one shape per column
+ROW_FAMILIES = ("row_hop1", "row_hop2")                   # the same, the four shapes in one grid row
 LEGACY_FAMILIES = ("large_exists", "small_color", "small_count", "small_corner")  # builds 1 and 2
 SPLITS = {"train": 0, "validation": 1, "test": 2, "calibration": 3}
 DEFAULT_SIZES = {"train": 20000, "validation": 600, "test": 600, "calibration": 300}
@@ -442,16 +448,18 @@ COLUMN_SHAPES = 4                   # order families: one shape in each column o
 ORDER_DIRECTIONS = {"right of": 1, "left of": -1}
 
 
-def _q_order_hops(hops: int):
+def _q_order_hops(hops: int, one_row: bool = False):
     def fn(rng):
-        """One big shape in each grid column (random rows, distinct colours); the colour of the shape
-        `hops` columns right (or left) of the named one, asked as a chain of "next shape" relations."""
+        """One big shape in each grid column (random rows, or one random row for all with `one_row`;
+        distinct colours); the colour of the shape `hops` columns right (or left) of the named one, asked as
+        a chain of "next shape" relations."""
         colors = [str(c) for c in rng.permutation(list(COLORS))[:COLUMN_SHAPES]]
         shapes: list[Shape] = []
+        shared_row = int(rng.integers(0, GRID_CELLS)) if one_row else None
         for col, color in enumerate(colors):
             size = float(rng.uniform(*GRID_PX))
             slack = (GRID_CELL_PX - size) / 2 - 2
-            row = int(rng.integers(0, GRID_CELLS))
+            row = shared_row if one_row else int(rng.integers(0, GRID_CELLS))
             x = GRID_CELL_PX * (col + 0.5) + float(rng.uniform(-slack, slack))
             y = GRID_CELL_PX * (row + 0.5) + float(rng.uniform(-slack, slack))
             shapes.append(Shape(str(rng.choice(LARGE_SHAPES)), color, x, y, size, False))
@@ -511,6 +519,8 @@ _FAMILY_FN = {
     "grid_hop3": _q_grid_hops(3),
     "order_hop1": _q_order_hops(1),
     "order_hop2": _q_order_hops(2),
+    "row_hop1": _q_order_hops(1, one_row=True),
+    "row_hop2": _q_order_hops(2, one_row=True),
     "large_color": _q_large_color,
     "large_exists": _q_large_exists,
     "large_count_color": _q_large_count_color,
@@ -577,7 +587,7 @@ def answer_from_scene(question_type: str, question: str, shapes: list[Shape]) ->
         for k in rels:
             r, c = r + RELATIONS[k][0], c + RELATIONS[k][1]
         return cells[(r, c)].color
-    if question_type.startswith("order_hop"):
+    if question_type.startswith(("order_hop", "row_hop")):
         words_q = question.rstrip("?").split()
         hops = question.count("the next shape")
         d = ORDER_DIRECTIONS["right of" if "right of" in question else "left of"]

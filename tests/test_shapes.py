@@ -50,7 +50,7 @@ def test_every_family_present_and_answers_match_scene():
 
 
 @pytest.mark.parametrize("family", shapes.AUX_FAMILIES + shapes.LEGACY_FAMILIES + shapes.GRID_FAMILIES
-                         + shapes.ORDER_FAMILIES)
+                         + shapes.ORDER_FAMILIES + shapes.ROW_FAMILIES)
 def test_aux_and_legacy_families_generate(family):
     for i in range(6):
         it = shapes.make_item(i, "train", family=family)
@@ -91,16 +91,23 @@ def test_grid_hop_scenes():
         assert answers == set(shapes.COLORS)
 
 
-def test_order_hop_scenes():
-    """Order families: one shape per grid column (distinct colours), the answer is the shape `hops`
-    columns right or left of the named one, and both directions and every start occur."""
+@pytest.mark.parametrize("prefix", ["order_hop", "row_hop"])
+def test_order_hop_scenes(prefix):
+    """Order families: one shape per grid column (distinct colours; row_hop: all in one row, and every row
+    occurs), the answer is the shape `hops` columns right or left of the named one, and both directions and
+    every start occur."""
     for hops in (1, 2):
-        fam = f"order_hop{hops}"
+        fam = f"{prefix}{hops}"
         seen = set()
+        rows_seen = set()
         for i in range(80):
             it = shapes.make_item(i, "validation", family=fam)
             cols = sorted(shapes.grid_cell(s)[1] for s in it.shapes)
             assert cols == list(range(shapes.COLUMN_SHAPES))
+            rows = {shapes.grid_cell(s)[0] for s in it.shapes}
+            if prefix == "row_hop":
+                assert len(rows) == 1
+                rows_seen |= rows
             assert len({s.color for s in it.shapes}) == len(it.shapes)
             assert it.question.count("the next shape") == hops
             by_col = {shapes.grid_cell(s)[1]: s for s in it.shapes}
@@ -110,6 +117,8 @@ def test_order_hop_scenes():
             assert it.answers == [by_col[start + d * hops].color]
             seen.add((d, start))
         assert len(seen) == 2 * (shapes.COLUMN_SHAPES - hops)
+        if prefix == "row_hop":
+            assert rows_seen == set(range(shapes.GRID_CELLS))
 
 
 def test_family_scenes():
