@@ -9,6 +9,7 @@ heads with GELU's 0.5 folded in. So the device stages compute what the host act 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Optional
 
 import numpy as np
@@ -110,7 +111,7 @@ class StageWeights:
         return budget_ms is None or self._base_key[2] == float(budget_ms)
 
 
-class GraphedDecision:
+class GraphedDecision(ABC):
     """What both device stages do around their maths: `_body` (subclasses) runs as one CUDA graph, captured at
     its first use, or eagerly without graphs; an event marks its end on CUDA; the host reads the decision
     vector `out` (on CUDA its pinned copy, `_out_np`, which `_body` fills). Subclasses set `use_graph`, `cuda`,
@@ -133,8 +134,9 @@ class GraphedDecision:
             return self._out_np.tolist()
         return self.out.tolist()
 
+    @abstractmethod
     def _body(self) -> None:
-        raise NotImplementedError
+        """The stage's device work: inputs in, the decision, the decision out (graph-capturable)."""
 
     def _capture(self, fn):
         from rollout_workers.fast_engine import capture_graph
