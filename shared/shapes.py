@@ -44,10 +44,12 @@ cells, one global-view token per cell:
 | order_hopN   | What color is the next shape {right of / left of} (N times) the {c}   | colour |
 |              | shape? (one shape per column, 4 shapes, N = 1..2)                     |        |
 | row_hopN     | as order_hopN, the four shapes in one grid row (adjacent tokens)      | colour |
+| column_of    | Which column is the {c} shape in? (order_hop's layout)                | 1..4   |
 
-ROW_FAMILIES exist because a linear probe found no grid column in the tiny model's image tokens
+ROW_FAMILIES and POSITION_FAMILIES exist because a linear probe found no grid column in the tiny model's image tokens
 (docs/RESULTS.md, "why the relation families are not learned"): in one row, "the next shape right of X"
-is the next image token after X's, an offset that attention over RoPE positions can express.
+is the next image token after X's, an offset that attention over RoPE positions can express; column_of
+asks for the column directly (can the model be taught to keep it?).
 
 Training-only auxiliary families (AUX_FAMILIES, never evaluated) and the families of the first two
 builds (LEGACY_FAMILIES: large_exists, small_color, small_count, small_corner) can be generated with
@@ -87,6 +89,7 @@ DEPTH_FAMILIES = ("more_color", "right_color")            # global view, two pie
 GRID_FAMILIES = ("grid_hop1", "grid_hop2", "grid_hop3")   # 1-3 relations on a 4 x 4 grid
 ORDER_FAMILIES = ("order_hop1", "order_hop2")             # 1-2 "next shape left/right" hops, one shape per column
 ROW_FAMILIES = ("row_hop1", "row_hop2")                   # the same, the four shapes in one grid row
+POSITION_FAMILIES = ("column_of",)                        # the grid column of a named shape, supervised
 LEGACY_FAMILIES = ("large_exists", "small_color", "small_count", "small_corner")  # builds 1 and 2
 SPLITS = {"train": 0, "validation": 1, "test": 2, "calibration": 3}
 DEFAULT_SIZES = {"train": 20000, "validation": 600, "test": 600, "calibration": 300}
@@ -471,6 +474,14 @@ def _q_order_hops(hops: int, one_row: bool = False):
         return shapes, q, [colors[start + d * hops]]
     return fn
 
+def _q_column_of(rng):
+    """order_hop's scene (one big shape per grid column, random rows); the named shape's column, 1..4 from
+    the left."""
+    shapes, _, _ = _q_order_hops(1)(rng)
+    target = shapes[int(rng.integers(0, len(shapes)))]
+    return shapes, f"Which column is the {target.color} shape in?", [str(grid_cell(target)[1] + 1)]
+
+
 def _parse_chain(question: str) -> tuple[str, list[str]]:
     """'What color is the shape above the shape right of the red shape?' -> ('red', ['right of', 'above'])."""
     body = question.rstrip("?")[len("What color is "):]
@@ -521,6 +532,7 @@ _FAMILY_FN = {
     "order_hop2": _q_order_hops(2),
     "row_hop1": _q_order_hops(1, one_row=True),
     "row_hop2": _q_order_hops(2, one_row=True),
+    "column_of": _q_column_of,
     "large_color": _q_large_color,
     "large_exists": _q_large_exists,
     "large_count_color": _q_large_count_color,
@@ -587,6 +599,9 @@ def answer_from_scene(question_type: str, question: str, shapes: list[Shape]) ->
         for k in rels:
             r, c = r + RELATIONS[k][0], c + RELATIONS[k][1]
         return cells[(r, c)].color
+    if question_type == "column_of":
+        (ref,) = [s for s in shapes if s.color == words[-3]]
+        return str(grid_cell(ref)[1] + 1)
     if question_type.startswith(("order_hop", "row_hop")):
         words_q = question.rstrip("?").split()
         hops = question.count("the next shape")

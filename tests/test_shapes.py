@@ -50,7 +50,7 @@ def test_every_family_present_and_answers_match_scene():
 
 
 @pytest.mark.parametrize("family", shapes.AUX_FAMILIES + shapes.LEGACY_FAMILIES + shapes.GRID_FAMILIES
-                         + shapes.ORDER_FAMILIES + shapes.ROW_FAMILIES)
+                         + shapes.ORDER_FAMILIES + shapes.ROW_FAMILIES + shapes.POSITION_FAMILIES)
 def test_aux_and_legacy_families_generate(family):
     for i in range(6):
         it = shapes.make_item(i, "train", family=family)
@@ -119,6 +119,18 @@ def test_order_hop_scenes(prefix):
         assert len(seen) == 2 * (shapes.COLUMN_SHAPES - hops)
         if prefix == "row_hop":
             assert rows_seen == set(range(shapes.GRID_CELLS))
+
+
+def test_column_of_scenes():
+    """column_of: the named shape's grid column, 1..4; every column is asked for."""
+    asked = set()
+    for i in range(60):
+        it = shapes.make_item(i, "validation", family="column_of")
+        color = it.question.split()[-3]
+        (target,) = [s for s in it.shapes if s.color == color]
+        assert it.answers == [str(shapes.grid_cell(target)[1] + 1)]
+        asked.add(it.answers[0])
+    assert asked == {"1", "2", "3", "4"}
 
 
 def test_family_scenes():
