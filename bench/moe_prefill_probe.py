@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from rollout_workers.fast_engine import BlockWeights, Shape, expert_mm, moe  # noqa: E402
+from rollout_workers.fast_engine import BlockWeights, Shape, capture_graph, expert_mm, moe  # noqa: E402
 # the routing before the sort-free one: kept in the tests as the reference it must equal
 from tests.test_fast_engine import moe_onehot_reference  # noqa: E402
 
@@ -134,21 +134,14 @@ def block_moe_weights(E: int, D: int, I: int, device, dtype, seed: int = 0) -> B
 
 
 def graph_times_us(fns: dict, replays: int) -> tuple[dict, dict]:
-    """Capture one CUDA graph per zero-argument callable (after 3 warm-up calls on a side stream), then
-    replay the graphs in turn ``replays`` times with CUDA events around each replay. Returns the median
-    microseconds per variant and each graph's output."""
+    """Capture one CUDA graph per zero-argument callable (`fast_engine.capture_graph`: two warm-up calls on a
+    side stream first), then replay the graphs in turn ``replays`` times with CUDA events around each replay.
+    Returns the median microseconds per variant and each graph's output."""
     graphs, outs = {}, {}
     for name, fn in fns.items():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        def keep(fn=fn, name=name):      # the captured call's output is the graph's output buffer
             outs[name] = fn()
-        graphs[name] = g
+        graphs[name] = capture_graph(keep)
     for g in graphs.values():
         for _ in range(3):
             g.replay()

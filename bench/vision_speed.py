@@ -37,18 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from rollout_workers.fast_engine import capture_graph  # noqa: E402
+
 
 def time_graph(fn, repeats: int) -> float:
-    """Median ms of a CUDA graph of fn() (captured after two eager runs on a side stream)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    """Median ms of a CUDA graph of fn() (`fast_engine.capture_graph`: two eager runs on a side stream first)."""
+    g = capture_graph(fn)
     for _ in range(5):
         g.replay()
     times = []
