@@ -234,6 +234,29 @@ def token_agreement_float32(device, pre, space: KnobSpace, importance, args) -> 
     return res
 
 
+def agreement_only(args, out: dict, save, device, pre, space: KnobSpace, importance, fast, fast_exec, model) -> int:
+    """`--agreement-only`: the bf16 fast-vs-eager token check (the eager engine on a second copy of the same
+    random weights) and, with `--float32-check`, the float32 one; no timings."""
+    from rollout_workers.molmoe.loader import random_full_size
+    eager_model = random_full_size(device, torch.bfloat16, seed=0).eval()
+    eager_model.vision.to(torch.bfloat16)       # same vision dtype as the fast engine
+    eager_model.connector.to(torch.bfloat16)
+    eager = RequestEngine(eager_model, pre, space, importance, executor=EagerEngine(eager_model))
+    out["token_agreement"] = token_agreement(fast, eager, space, args.prompts, args.tokens)
+    save()
+    if args.float32_check:
+        del eager, eager_model, fast, fast_exec, model
+        gc.collect()
+        torch.cuda.empty_cache()
+        out["token_agreement_float32"] = token_agreement_float32(device, pre, space, importance, args)
+        save()
+    for key in ("token_agreement", "token_agreement_float32"):
+        rows = out.get(key) or []
+        print(f"{key}: {sum(r['same_tokens'] for r in rows)} of {len(rows)} sequences equal", flush=True)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def controller_ab(engines: dict, ctl: TwoStageController, image: bytes, pairs: int, tokens: int) -> dict:
     """Controlled path (the controller decides; budget token, split prefill, Stage2 sync) vs the plain
     path with the knobs it chose, one pair after the other; with several engines (e.g. Stage2 on the
@@ -310,6 +333,8 @@ def main() -> int:
                     help="also the A/B with greedy decisions (no draws: what the serving path runs)")
     ap.add_argument("--ab-only", action="store_true",
                     help="warm-up, graph-capture check and the controller A/B only (no setting sweep, no eager)")
+    ap.add_argument("--agreement-only", action="store_true",
+                    help="warm-up and the fast-vs-eager token checks only (bf16; float32 too with --float32-check)")
     ap.add_argument("--groups", type=int, default=6, help="GRPO groups timed for the training rollout rate")
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--float32-check", action="store_true",
@@ -357,9 +382,11 @@ def main() -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1, default=float))
 
-    fast_rows = [] if args.ab_only else time_settings(fast, space, image, args, "fast")
+    fast_rows = [] if args.ab_only or args.agreement_only else time_settings(fast, space, image, args, "fast")
     out.update({"fast_warmup": warm, "fast": fast_rows})
     save()
+    if args.agreement_only:
+        return agreement_only(args, out, save, device, pre, space, importance, fast, fast_exec, model)
     # switching settings after warm-up must capture nothing
     rng = np.random.default_rng(0)
     for _ in range(40):
