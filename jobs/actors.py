@@ -54,6 +54,21 @@ class LearnerActor(Learner):
         return os.getpid()
 
 
+class _RayPending:
+    """A learner call in flight: its object ref, read with the client's timeout."""
+
+    def __init__(self, ref, timeout_s: float):
+        self.ref = ref
+        self.timeout_s = timeout_s
+
+    def done(self) -> bool:
+        ready, _ = ray.wait([self.ref], timeout=0)
+        return bool(ready)
+
+    def result(self):
+        return ray.get(self.ref, timeout=self.timeout_s)
+
+
 class RayLearnerClient:
     """LearnerClient over a learner actor handle; every ray.get has a timeout."""
 
@@ -69,6 +84,12 @@ class RayLearnerClient:
 
     def next_task(self, worker_id):
         return self._get(self.h.next_task.remote(worker_id))
+
+    def next_task_async(self, worker_id):
+        return _RayPending(self.h.next_task.remote(worker_id), self.timeout_s)
+
+    def submit_group_async(self, worker_id, sample_id, rows, failures):
+        return _RayPending(self.h.submit_group.remote(worker_id, sample_id, rows, list(failures)), self.timeout_s)
 
     def pull_weights(self, known_version):
         return self._get(self.h.weights.remote(known_version))

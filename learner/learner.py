@@ -4,7 +4,9 @@ torch state is never touched by two threads at once).
 It is the run's single source of truth:
 - hands out tasks (train groups, validation rollouts) from the `SampleDispenser`, with admission control:
   a worker holds at most `max_inflight_groups_per_worker` leased-but-unsubmitted groups, which bounds
-  staleness without dropping slow (expensive-knob) groups;
+  staleness without dropping slow (expensive-knob) groups, and no group is leased once the buffered and
+  leased ones suffice for the remaining updates (workers lease one group ahead: without this rule each
+  would run one group for nothing at the end);
 - accepts groups, drops only those past the hard lag bound `grpo.max_policy_lag` (counted; their sample
   is handed out again, so no data is skipped);
 - runs a GRPO update every `groups_per_update` groups, commits their samples, appends their rows to
@@ -155,11 +157,20 @@ class Learner:
             return {"kind": "wait"} if self.val_leases else {"kind": "stop"}
         if len(self.inflight.setdefault(worker_id, set())) >= self.cfg.system.max_inflight_groups_per_worker:
             return {"kind": "wait"}
+        if self.groups_still_needed() <= 0:
+            # enough groups are buffered or in flight to finish training: a new one would be run for nothing
+            # (a submitted group that fails or is dropped is leased again)
+            return {"kind": "wait"}
         sid = self.dispenser.lease(worker_id)
         if sid is None:
             return {"kind": "wait"}
         self.inflight[worker_id].add(sid)
         return {"kind": "train", "sample_id": sid, "policy_version": self.trainer.policy_version}
+
+    def groups_still_needed(self) -> int:
+        """Train groups that no worker holds yet and the remaining updates need."""
+        remaining = (self.cfg.system.total_updates - self.trainer.step) * self.cfg.grpo.groups_per_update
+        return remaining - len(self.buffer) - sum(len(v) for v in self.inflight.values())
 
     def weights(self, known_version: int) -> Optional[tuple[int, Any]]:
         """(version, published weights) when newer than `known_version`, else None."""

@@ -1,15 +1,29 @@
 """RolloutWorker: a plain class (jobs/actors.py makes it a Ray actor with one GPU, or none on CPU).
 
-It loads its backend once, warms up, then loops: ask the learner for a task; pull newer controller
-weights if published; for a train task draw a budget and run the group's G rollouts one at a time
-under the current weights, then send the group's records; for a validation task run one greedy
-rollout under the weights the task names. It never imports Ray: the learner is reached through a
-client object (the Ray client calls `ray.get` with timeouts; tests pass the plain Learner).
+It loads its backend once, warms up, then loops: take the next task; for a train task lease the one
+after it (so the answer is there when this group ends), bring the controller weights up to the version
+the learner had when it leased this task, draw a budget and run the group's G rollouts one at a time,
+then send the group's records without waiting for the answer; for a validation task run one greedy
+rollout under the weights the task names.
+
+Why the pipelining: the learner is one actor that serves calls in order, and the worker whose group
+completes a batch would otherwise wait for the GRPO update, the Parquet write and the weight publish
+(~40 ms), and every other worker's next call would queue behind them. With the next task leased ahead and
+the records sent asynchronously, a worker goes straight from one group to the next. A task leased ahead
+names the version before an update that lands meanwhile, so its group may run one version behind (the
+learner's importance ratio accounts for it; `grpo.max_policy_lag` bounds it). Admission control allows
+the one group ahead (`system.max_inflight_groups_per_worker` >= 2; with 1 the lease ahead is answered
+"wait" and the loop asks again after the group).
+
+It never imports Ray: the learner is reached through a client object (the Ray client calls `ray.get` with
+timeouts and returns pending calls as object refs; tests pass the plain Learner, whose calls run at once
+in the order the worker makes them, the order an actor serves them in).
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Any, Optional, Protocol
 
 import torch
@@ -25,9 +39,30 @@ from shared.rewards import reward_fn_from_config
 log = logging.getLogger(__name__)
 
 
+class Pending(Protocol):
+    """A learner call that was sent and may not have been answered yet."""
+    def done(self) -> bool: ...
+    def result(self) -> Any: ...
+
+
+class Answered:
+    """A call answered when it was made (the in-process client)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> Any:
+        return self.value
+
+
 class LearnerClient(Protocol):
     def register_worker(self, worker_id: int) -> dict: ...
     def next_task(self, worker_id: int) -> dict: ...
+    def next_task_async(self, worker_id: int) -> Pending: ...
+    def submit_group_async(self, worker_id: int, sample_id: str, rows: list, failures: list) -> Pending: ...
     def pull_weights(self, known_version: int) -> Optional[tuple[int, dict]]: ...
     def resolve(self, ref: Any) -> dict: ...
     def submit_group(self, worker_id: int, sample_id: str, rows: list, failures: list) -> dict: ...
@@ -46,6 +81,12 @@ class DirectClient:
 
     def next_task(self, worker_id):
         return self.learner.next_task(worker_id)
+
+    def next_task_async(self, worker_id):
+        return Answered(self.learner.next_task(worker_id))
+
+    def submit_group_async(self, worker_id, sample_id, rows, failures):
+        return Answered(self.learner.submit_group(worker_id, sample_id, rows, failures))
 
     def pull_weights(self, known_version):
         return self.learner.weights(known_version)
@@ -102,40 +143,59 @@ class RolloutWorker:
             self.version = version
 
     def run_loop(self, client: LearnerClient, max_groups: Optional[int] = None, idle_sleep_s: float = 0.02) -> dict:
-        """Serve tasks until the learner says stop (or `max_groups` train groups are done)."""
+        """Serve tasks until the learner says stop (or `max_groups` train groups are done); module docstring
+        for the pipelining. Returns when every sent group has been answered."""
+        if max_groups is not None and max_groups <= 0:
+            return {"worker_id": self.worker_id, "groups": self.groups_done, "policy_version": self.version}
         client.register_worker(self.worker_id)
         self._sync_weights(client)
         tags = {"worker": str(self.worker_id)}
+        sent: deque = deque()                        # submit_group calls not yet answered
+        pending = client.next_task_async(self.worker_id)
         while max_groups is None or self.groups_done < max_groups:
-            task = client.next_task(self.worker_id)
+            task = pending.result()
             kind = task["kind"]
             if kind == "stop":
                 break
             if kind == "wait":
                 time.sleep(idle_sleep_s)
+                pending = client.next_task_async(self.worker_id)
                 continue
             if kind == "val":
                 client.submit_validation(self.worker_id, task["round"], task["sample_id"], task["budget_ms"],
                                          self._validate(client, task))
+                pending = client.next_task_async(self.worker_id)
                 continue
-            self._sync_weights(client)
-            sample = self.samples[task["sample_id"]]
-            budget = self.budgets.draw()
-            res = run_group(self.backend, sample, budget, self.controller, self.reward_fn,
-                            group_size=self.cfg.grpo.group_size, group_id=f"{sample.sample_id}@{budget:.3f}",
-                            worker_id=self.worker_id, policy_version=self.version, generator=self.generator)
-            rows = [r.to_row() for r in res.records]
-            self.metrics.inc("budgetctl_groups", 1, tags)
-            self.metrics.inc("budgetctl_rollouts", len(rows), tags)
-            if res.failures:
-                self.metrics.inc("budgetctl_failed_rollouts", len(res.failures), tags)
-            for r in rows:
-                self.metrics.observe("budgetctl_rollout_latency_ms", r["latency_ms"], tags)
-                if not r["within_budget"]:
-                    self.metrics.inc("budgetctl_budget_violations", 1, tags)
-            client.submit_group(self.worker_id, sample.sample_id, rows, res.failures)
-            self.groups_done += 1
+            # lease the next task while this group runs (not after the last group `max_groups` allows: a
+            # lease nobody runs would hold its sample until this worker registers again)
+            if max_groups is None or self.groups_done + 1 < max_groups:
+                pending = client.next_task_async(self.worker_id)
+            if self.version < task["policy_version"]:
+                self._sync_weights(client)
+            self._run_train_group(client, task, tags, sent)
+            while sent and sent[0].done():           # surface the learner's errors early
+                sent.popleft().result()
+        while sent:                                  # every group answered before returning
+            sent.popleft().result()
         return {"worker_id": self.worker_id, "groups": self.groups_done, "policy_version": self.version}
+
+    def _run_train_group(self, client: LearnerClient, task: dict, tags: dict, sent: deque) -> None:
+        sample = self.samples[task["sample_id"]]
+        budget = self.budgets.draw()
+        res = run_group(self.backend, sample, budget, self.controller, self.reward_fn,
+                        group_size=self.cfg.grpo.group_size, group_id=f"{sample.sample_id}@{budget:.3f}",
+                        worker_id=self.worker_id, policy_version=self.version, generator=self.generator)
+        rows = [r.to_row() for r in res.records]
+        self.metrics.inc("budgetctl_groups", 1, tags)
+        self.metrics.inc("budgetctl_rollouts", len(rows), tags)
+        if res.failures:
+            self.metrics.inc("budgetctl_failed_rollouts", len(res.failures), tags)
+        for r in rows:
+            self.metrics.observe("budgetctl_rollout_latency_ms", r["latency_ms"], tags)
+            if not r["within_budget"]:
+                self.metrics.inc("budgetctl_budget_violations", 1, tags)
+        sent.append(client.submit_group_async(self.worker_id, sample.sample_id, rows, res.failures))
+        self.groups_done += 1
 
     def _validate(self, client: LearnerClient, task: dict) -> Optional[dict]:
         """One greedy rollout under the weights the validation round names; None if it fails."""

@@ -185,7 +185,8 @@ def test_killed_worker_is_restarted_and_the_run_completes(fault_run):
     assert status["done"] and status["step"] == TOTAL_UPDATES
     c = status["counters"]
     assert c["worker_restarts"] == 1
-    assert c["dropped_worker_died"] == 1                  # its unfinished group: dropped and counted
+    # its leases, dropped and counted: the group it was running and, if it had leased the next one, that too
+    assert 1 <= c["dropped_worker_died"] <= fault_run["cfg"].system.max_inflight_groups_per_worker
     assert "rollout worker 0 died" in out.text and "Ray restarts it (restart 1/1)" in out.text
     assert "gone for good" not in out.text and "restart 2/" not in out.text
     assert "restarts 1" in [ln for ln in out.lines if ln.startswith("[train] step")][-1]
