@@ -46,6 +46,20 @@ cells, one global-view token per cell:
 | row_hopN     | as order_hopN, the four shapes in one grid row (adjacent tokens)      | colour |
 | column_of    | Which column is the {c} shape in? (order_hop's layout)                | 1..4   |
 
+CODE_FAMILIES (not in FAMILIES) show one big shape and give a table in the question, in a random order:
+
+| family       | question                                                              | answer |
+|--------------|-----------------------------------------------------------------------|--------|
+| code_hop1    | red is 3 , blue is 1 , green is 4 , yellow is 2 . What number is the  | 1..4   |
+|              | big shape?                                                            |        |
+| code_hop2    | red means green , ... . red is 3 , ... . What number does the big     | 1..4   |
+|              | shape mean? (the shape's colour -> a colour -> its number)            |        |
+
+Each step is a lookup in the question's own tokens (a number token must know the colour before it, the
+answer position must match it against the shape's colour), so code_hop1 needs at least two attention steps
+after the image is read and code_hop2 at least three: depth needed by the question, not put there by
+training.
+
 ROW_FAMILIES and POSITION_FAMILIES exist because a linear probe found no grid column in the tiny model's image tokens
 (docs/RESULTS.md, "why the relation families are not learned"): in one row, "the next shape right of X"
 is the next image token after X's, an offset that attention over RoPE positions can express; column_of
@@ -90,6 +104,9 @@ GRID_FAMILIES = ("grid_hop1", "grid_hop2", "grid_hop3")   # 1-3 relations on a 4
 ORDER_FAMILIES = ("order_hop1", "order_hop2")             # 1-2 "next shape left/right" hops, one shape per column
 ROW_FAMILIES = ("row_hop1", "row_hop2")                   # the same, the four shapes in one grid row
 POSITION_FAMILIES = ("column_of",)                        # the grid column of a named shape, supervised
+# Lookups through a table given in the question (not in FAMILIES; a try at a family that needs depth by its
+# nature: the answer is a chain of attention steps over the question's own tokens, not a spatial relation)
+CODE_FAMILIES = ("code_hop1", "code_hop2")
 LEGACY_FAMILIES = ("large_exists", "small_color", "small_count", "small_corner")  # builds 1 and 2
 SPLITS = {"train": 0, "validation": 1, "test": 2, "calibration": 3}
 DEFAULT_SIZES = {"train": 20000, "validation": 600, "test": 600, "calibration": 300}
@@ -482,6 +499,27 @@ def _q_column_of(rng):
     return shapes, f"Which column is the {target.color} shape in?", [str(grid_cell(target)[1] + 1)]
 
 
+CODE_COLORS = 4                     # code families: the table's colours (the shape's among them)
+
+
+def _q_code_hops(hops: int):
+    def fn(rng):
+        """One big shape; a table of the four colours (the shape's and three others) to the numbers 1..4 (a
+        random permutation, listed in a random order); with hops = 2 a colour-to-colour table first."""
+        colors = [str(c) for c in rng.permutation(list(COLORS))[:CODE_COLORS]]
+        shapes: list[Shape] = []
+        target = _large(rng, shapes, color=colors[int(rng.integers(0, CODE_COLORS))])
+        numbers = {c: str(int(k) + 1) for c, k in zip(colors, rng.permutation(CODE_COLORS))}
+        listed = " , ".join(f"{c} is {numbers[c]}" for c in (colors[int(i)] for i in rng.permutation(CODE_COLORS)))
+        if hops == 1:
+            return shapes, f"{listed} . What number is the big shape?", [numbers[target.color]]
+        means = dict(zip(colors, (colors[int(i)] for i in rng.permutation(CODE_COLORS))))
+        renamed = " , ".join(f"{c} means {means[c]}" for c in (colors[int(i)] for i in rng.permutation(CODE_COLORS)))
+        return (shapes, f"{renamed} . {listed} . What number does the big shape mean?",
+                [numbers[means[target.color]]])
+    return fn
+
+
 def _parse_chain(question: str) -> tuple[str, list[str]]:
     """'What color is the shape above the shape right of the red shape?' -> ('red', ['right of', 'above'])."""
     body = question.rstrip("?")[len("What color is "):]
@@ -533,6 +571,8 @@ _FAMILY_FN = {
     "row_hop1": _q_order_hops(1, one_row=True),
     "row_hop2": _q_order_hops(2, one_row=True),
     "column_of": _q_column_of,
+    "code_hop1": _q_code_hops(1),
+    "code_hop2": _q_code_hops(2),
     "large_color": _q_large_color,
     "large_exists": _q_large_exists,
     "large_count_color": _q_large_count_color,
@@ -599,6 +639,14 @@ def answer_from_scene(question_type: str, question: str, shapes: list[Shape]) ->
         for k in rels:
             r, c = r + RELATIONS[k][0], c + RELATIONS[k][1]
         return cells[(r, c)].color
+    if question_type.startswith("code_hop"):
+        (big,) = large
+        tables = question.split(" . ")
+        numbers = dict(pair.split(" is ") for pair in tables[-2].split(" , "))
+        color = big.color
+        if question_type == "code_hop2":
+            color = dict(pair.split(" means ") for pair in tables[0].split(" , "))[color]
+        return numbers[color]
     if question_type == "column_of":
         (ref,) = [s for s in shapes if s.color == words[-3]]
         return str(grid_cell(ref)[1] + 1)

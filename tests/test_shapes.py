@@ -50,7 +50,8 @@ def test_every_family_present_and_answers_match_scene():
 
 
 @pytest.mark.parametrize("family", shapes.AUX_FAMILIES + shapes.LEGACY_FAMILIES + shapes.GRID_FAMILIES
-                         + shapes.ORDER_FAMILIES + shapes.ROW_FAMILIES + shapes.POSITION_FAMILIES)
+                         + shapes.ORDER_FAMILIES + shapes.ROW_FAMILIES + shapes.POSITION_FAMILIES
+                         + shapes.CODE_FAMILIES)
 def test_aux_and_legacy_families_generate(family):
     for i in range(6):
         it = shapes.make_item(i, "train", family=family)
@@ -131,6 +132,26 @@ def test_column_of_scenes():
         assert it.answers == [str(shapes.grid_cell(target)[1] + 1)]
         asked.add(it.answers[0])
     assert asked == {"1", "2", "3", "4"}
+
+
+def test_code_lookup_scenes():
+    """code_hop1/2: one big shape; its number through the question's table(s), computed here independently of
+    answer_from_scene; every number is asked for, and the tables are permutations of four colours."""
+    import re
+    for fam, hops in (("code_hop1", 1), ("code_hop2", 2)):
+        asked = set()
+        for i in range(60):
+            it = shapes.make_item(i, "validation", family=fam)
+            (big,) = [s for s in it.shapes if not s.small]
+            numbers = dict(re.findall(r"(\w+) is (\d)", it.question))
+            means = dict(re.findall(r"(\w+) means (\w+)", it.question))
+            assert sorted(numbers.values()) == ["1", "2", "3", "4"] and big.color in numbers
+            assert len(means) == (4 if hops == 2 else 0) and set(means.values()) <= set(numbers)
+            color = means[big.color] if hops == 2 else big.color
+            assert it.answers == [numbers[color]]
+            asked.add(it.answers[0])
+        assert asked == {"1", "2", "3", "4"}
+    assert not set(shapes.CODE_FAMILIES) & set(shapes.FAMILIES)
 
 
 def test_family_scenes():
