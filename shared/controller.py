@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -905,7 +906,13 @@ class TwoStageController(nn.Module):
         bad = [k for k in own if tuple(own[k].shape) != tuple(np.shape(weights[k]))]
         if bad:
             raise ValueError(f"controller weights have wrong shapes for {bad}")
-        self.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in weights.items()})
+        # one copy, straight from the arrays into the module's tensors (read-only arrays from Ray's object store
+        # are only read); the act paths' caches are keyed on the tensors' versions and start afresh anyway
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for k, t in own.items():
+                t.copy_(torch.as_tensor(np.asarray(weights[k])))
+        self._reset_act_state()
 
 
 def collate_features(rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
