@@ -172,7 +172,9 @@ class SystemConfig:
     num_workers: int = _f(0, doc="rollout workers (0 = one per GPU, or 2 on CPU)", lo=0, hi=4096)
     gpus_per_worker: float = _f(1.0, doc="GPUs per rollout worker when GPUs are present", lo=0.0)
     torch_threads: int = _f(1, doc="torch threads per worker (fixed so timing matches calibration)", lo=1)
-    max_inflight_groups_per_worker: int = _f(2, doc="admission control: unfinished groups per worker", lo=1)
+    max_inflight_groups_per_worker: int = _f(
+        2, doc="admission control: unfinished groups per worker (2 = the group running and the one leased ahead)",
+        lo=1)
     total_updates: int = _f(100, doc="GRPO updates to run", lo=0)
     checkpoint_every: int = _f(10, doc="updates between checkpoints", lo=1)
     validate_every: int = _f(0, doc="updates between greedy validations (0 = off)", lo=0)
