@@ -357,3 +357,67 @@ def test_lr_schedule_runs_over_total_updates_and_resumes(tmp_path):
         assert lr == pytest.approx(cfg.grpo.lr * lr_factor("cosine", step - 1, 6, 0.2))
     assert lrs[1] == pytest.approx(cfg.grpo.lr) and lrs[6] < lrs[5] < lrs[1]
     assert resumed.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lrs[6])
+
+
+class RecordingClient(DirectClient):
+    """DirectClient that logs the learner calls in the order the worker makes them, and their answers."""
+
+    def __init__(self, learner):
+        super().__init__(learner)
+        self.calls: list[tuple[str, object]] = []
+
+    def next_task_async(self, worker_id):
+        pending = super().next_task_async(worker_id)
+        self.calls.append(("next_task", pending.result()))
+        return pending
+
+    def submit_group_async(self, worker_id, sample_id, rows, failures):
+        pending = super().submit_group_async(worker_id, sample_id, rows, failures)
+        self.calls.append(("submit_group", {"sample_id": sample_id, **pending.result()}))
+        return pending
+
+    def pull_weights(self, known_version):
+        got = super().pull_weights(known_version)
+        self.calls.append(("pull_weights", None if got is None else got[0]))
+        return got
+
+
+def test_worker_leases_the_next_task_ahead_and_runs_no_group_after_training(tmp_path):
+    """The pipelined loop: each group's next task is leased before its records are sent (so the worker never
+    waits for the update its records trigger), groups leased ahead of an update run at most one version behind
+    it (never dropped for lag), and the learner leases no group once the buffered and leased ones finish
+    training, so no group is run and answered 'stopped'. (Validation off: its tasks come between groups.)"""
+    cfg = make_cfg(tmp_path, "system.total_updates=4", "system.validate_every=0")
+    learner, (w,) = make_pair(cfg)
+    client = RecordingClient(learner)
+    w.run_loop(client)
+    assert learner.trainer.step == 4
+    submits = [i for i, (n, _) in enumerate(client.calls) if n == "submit_group"]
+    sent = [client.calls[i][1]["sample_id"] for i in submits]
+    assert len(sent) == 4 * cfg.grpo.groups_per_update
+    # group k+1's task was leased before group k's records were sent (between submits k-1 and k)
+    starts = [0] + submits[:-1]
+    for k in range(len(sent) - 1):
+        leased = [a["sample_id"] for n, a in client.calls[starts[k]:submits[k]]
+                  if n == "next_task" and a["kind"] == "train"]
+        assert sent[k + 1] in leased, (k, leased)
+    answers = [a for n, a in client.calls if n == "submit_group"]
+    assert all(a["accepted"] for a in answers), answers          # none 'stopped': no group run for nothing
+    assert learner.counters["dropped_lag"] == 0
+    table = check_records(tmp_path, cfg, 4)
+    lag = [s - v for s, v in zip(table.column("step").to_pylist(), table.column("policy_version").to_pylist())]
+    assert max(lag) <= 1 and min(lag) >= 0
+    assert not learner.inflight.get(0)                           # no lease left behind
+
+
+def test_worker_loop_with_one_group_in_flight(tmp_path):
+    """max_inflight_groups_per_worker = 1: the lease ahead is answered 'wait' and the loop asks again after the
+    group; training completes with the same records."""
+    cfg = make_cfg(tmp_path, "system.total_updates=3", "system.max_inflight_groups_per_worker=1")
+    learner, (w,) = make_pair(cfg)
+    client = RecordingClient(learner)
+    w.run_loop(client, idle_sleep_s=0.0)
+    assert learner.trainer.step == 3
+    check_records(tmp_path, cfg, 3)
+    assert any(a == {"kind": "wait"} for n, a in client.calls if n == "next_task")
+    assert learner.counters["dropped_lag"] == 0
