@@ -20,6 +20,9 @@ request would see them, so reduced settings degrade gracefully rather than colla
     scores are computed after training, so every order must work);
   - top_k in {1, 2, 4} for the blocks >= p (the prefix keeps native top-4);
   - a quarter of the batches run full compute.
+Experiments can restrict the families (`--families`), weight a family's loss by depth (`--depth-families`),
+or put a slow-to-learn family first (`--lead-families`, `--lead-steps`, `--lead-frac`, `--lead-full-depth`:
+a curriculum over time); all are off by default, and then the build is the shipped one's.
 A Switch-style load-balancing loss keeps all experts in use. Batches of one tier share one image
 layout, so sequences differ only in the question and are right-padded (causal attention: padding at
 the end never reaches a real position).
@@ -111,15 +114,22 @@ class SceneBatches(torch.utils.data.IterableDataset):
     """Batch `step` holds train samples step*B .. step*B+B-1 (deterministic; workers split the steps)."""
 
     def __init__(self, batch: int, steps: int, seed: int, start_step: int = 0, aux_frac: float = 0.0,
-                 families: tuple[str, ...] = ()):
+                 families: tuple[str, ...] = (), lead: tuple[str, ...] = (), lead_steps: int = 0,
+                 lead_frac: float = 0.0):
         self.batch, self.steps, self.seed, self.start = batch, steps, seed, start_step
         self.aux_frac, self.families = aux_frac, tuple(families)
+        self.lead, self.lead_steps, self.lead_frac = tuple(lead), int(lead_steps), float(lead_frac)
 
     def family(self, i: int):
-        """None (the set's own cycle), a restricted family, or a training-only auxiliary one."""
+        """None (the set's own cycle), a restricted family, a training-only auxiliary one, or, in the first
+        `lead_steps` steps, a lead family for a `lead_frac` share of the samples (a curriculum over time)."""
         u = ((i * 2654435761 + 12345) % 2**32) / 2**32
         if u < self.aux_frac:
             return shapes.AUX_FAMILIES[i % len(shapes.AUX_FAMILIES)]
+        if self.lead and i // self.batch < self.lead_steps:
+            v = ((i * 2246822519 + 3266489917) % 2**32) / 2**32
+            if v < self.lead_frac:
+                return self.lead[(i // 7) % len(self.lead)]
         if self.families:
             return self.families[(i // 7) % len(self.families)]
         return None
@@ -358,6 +368,13 @@ def main(argv=None) -> int:
     ap.add_argument("--depth-weights", default="",
                     help="comma list of loss weights for the --depth-families samples of a batch that runs "
                          f"{KNOBS['num_blocks_options']} blocks, e.g. 0.1,0.2,0.35,1,1")
+    ap.add_argument("--lead-families", default="",
+                    help="comma list of families that take a --lead-frac share of the samples in the first "
+                         "--lead-steps steps (a curriculum over time, e.g. a slow-to-learn lookup first)")
+    ap.add_argument("--lead-steps", type=int, default=0)
+    ap.add_argument("--lead-frac", type=float, default=0.0)
+    ap.add_argument("--lead-full-depth", action="store_true",
+                    help="run every batch of the first --lead-steps steps at full compute")
     ap.add_argument("--final-eval", default="grid", choices=["grid", "short"])
     args = ap.parse_args(argv)
 
@@ -418,8 +435,15 @@ def main(argv=None) -> int:
         # families outside shapes.FAMILIES (e.g. shapes.ORDER_FAMILIES) are rendered on purpose
         val_items = [shapes.render_item(i, "validation", args.seed, family=fams[i % len(fams)])
                      for i in range(args.eval_samples)]
+    lead = tuple(f for f in args.lead_families.split(",") if f)
+    if lead and not (args.lead_steps > 0 and 0.0 < args.lead_frac <= 1.0):
+        raise SystemExit("--lead-families needs --lead-steps > 0 and 0 < --lead-frac <= 1")
+    unknown = [f for f in lead if f not in shapes.FAMILY_NAMES]
+    if unknown:
+        raise SystemExit(f"unknown --lead-families {unknown}; known: {sorted(shapes.FAMILY_NAMES)}")
     loader = torch.utils.data.DataLoader(SceneBatches(args.batch, max_steps, args.seed, aux_frac=args.aux_frac,
-                                                      families=fams), batch_size=None,
+                                                      families=fams, lead=lead, lead_steps=args.lead_steps,
+                                                      lead_frac=args.lead_frac), batch_size=None,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          prefetch_factor=8 if args.workers else None,
                                          persistent_workers=False)
@@ -454,7 +478,8 @@ def main(argv=None) -> int:
             lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / horizon)))
         for g in opt.param_groups:
             g["lr"] = lr
-        mc, blocks, kmap = draw_knobs(rng, L, cfg.top_k, args.full_frac, tiers, block_weights)
+        full_frac = 1.0 if args.lead_full_depth and step < args.lead_steps else args.full_frac
+        mc, blocks, kmap = draw_knobs(rng, L, cfg.top_k, full_frac, tiers, block_weights)
         ids, tg, crops = make_batch(lay, tok, cache, imgs, qs, ans, mc)
         probe.on = True
         with amp():

@@ -580,6 +580,7 @@ _FAMILY_FN = {
     "small_count": _q_small_count,
     "small_corner": _q_small_corner,
 }
+FAMILY_NAMES = tuple(_FAMILY_FN)                          # every family make_item can generate
 
 
 def make_item(index: int, split: str = "train", seed: int = 0, family: Optional[str] = None) -> ShapesItem:

@@ -133,3 +133,20 @@ def test_build_smoke_with_depth_curriculum(tmp_path):
     with pytest.raises(SystemExit):
         build_tiny_model.main(["--device", "cpu", "--out", str(out), "--steps", "1",
                                "--depth-families", "right_color", "--depth-weights", "1,1"])
+
+
+def test_scene_batches_lead_families_take_their_share_only_early():
+    """--lead-families: in the first lead_steps steps about lead_frac of the samples come from the lead families
+    (in runs of 7, like --families), afterwards none; without them the draw is unchanged."""
+    from build_tiny_model import SceneBatches
+
+    plain = SceneBatches(64, 100, 0, aux_frac=0.1)
+    lead = SceneBatches(64, 100, 0, aux_frac=0.1, lead=("code_hop1",), lead_steps=10, lead_frac=0.6)
+    early = [lead.family(i) for i in range(10 * 64)]
+    late = [lead.family(i) for i in range(10 * 64, 30 * 64)]
+    share = early.count("code_hop1") / len(early)
+    assert 0.45 < share < 0.65                  # lead_frac of what the auxiliary share leaves
+    assert "code_hop1" not in late
+    assert late == [plain.family(i) for i in range(10 * 64, 30 * 64)]
+    assert [f for f, p in zip(early, (plain.family(i) for i in range(10 * 64))) if f != "code_hop1"] == \
+        [p for f, p in zip(early, (plain.family(i) for i in range(10 * 64))) if f != "code_hop1"]
