@@ -234,29 +234,6 @@ def token_agreement_float32(device, pre, space: KnobSpace, importance, args) -> 
     return res
 
 
-def agreement_only(args, out: dict, save, device, pre, space: KnobSpace, importance, fast, fast_exec, model) -> int:
-    """`--agreement-only`: the bf16 fast-vs-eager token check (the eager engine on a second copy of the same
-    random weights) and, with `--float32-check`, the float32 one; no timings."""
-    from rollout_workers.molmoe.loader import random_full_size
-    eager_model = random_full_size(device, torch.bfloat16, seed=0).eval()
-    eager_model.vision.to(torch.bfloat16)       # same vision dtype as the fast engine
-    eager_model.connector.to(torch.bfloat16)
-    eager = RequestEngine(eager_model, pre, space, importance, executor=EagerEngine(eager_model))
-    out["token_agreement"] = token_agreement(fast, eager, space, args.prompts, args.tokens)
-    save()
-    if args.float32_check:
-        del eager, eager_model, fast, fast_exec, model
-        gc.collect()
-        torch.cuda.empty_cache()
-        out["token_agreement_float32"] = token_agreement_float32(device, pre, space, importance, args)
-        save()
-    for key in ("token_agreement", "token_agreement_float32"):
-        rows = out.get(key) or []
-        print(f"{key}: {sum(r['same_tokens'] for r in rows)} of {len(rows)} sequences equal", flush=True)
-    print(f"wrote {args.out}")
-    return 0
-
-
 def controller_ab(engines: dict, ctl: TwoStageController, image: bytes, pairs: int, tokens: int) -> dict:
     """Controlled path (the controller decides; budget token, split prefill, Stage2 sync) vs the plain
     path with the knobs it chose, one pair after the other; with several engines (e.g. Stage2 on the
@@ -385,52 +362,51 @@ def main() -> int:
     fast_rows = [] if args.ab_only or args.agreement_only else time_settings(fast, space, image, args, "fast")
     out.update({"fast_warmup": warm, "fast": fast_rows})
     save()
-    if args.agreement_only:
-        return agreement_only(args, out, save, device, pre, space, importance, fast, fast_exec, model)
-    # switching settings after warm-up must capture nothing
-    rng = np.random.default_rng(0)
-    for _ in range(40):
-        t, pi, ki, ni = (int(rng.integers(len(x))) for x in (space.tier_names, space.positions, space.top_ks,
-                                                               space.num_blocks))
-        fixed = space.choice(t, pi, ki, ni)
-        if fixed.p < fixed.num_blocks:
-            fast.serve(image, QUESTION, 1000.0, ctl, fixed=fixed, max_new_tokens=4)
-    warm["captures_after_warmup"] = fast_exec.captures_after_warmup
-    print(f"graphs captured after warm-up while switching 40 random settings: {fast_exec.captures_after_warmup}")
-    # the variants share one executor; their pairs interleave
-    engines = {"stages on the device": fast}
-    if args.ab_stream:           # the same engine, the draws from a UniformStream (as rollout workers do)
-        engines["stages on the device, uniform stream"] = (fast, UniformStream(torch.Generator().manual_seed(0)))
-    if args.ab_greedy:           # the same engine, argmax decisions (the serving path)
-        engines["stages on the device, greedy"] = (fast, "greedy")
-    if args.ab_host_stage1:      # Stage1 (and the language feature) on the host, Stage2 on the device
-        engines["stage1 on the host"] = RequestEngine(model, pre, space, importance, executor=fast_exec,
-                                                      device_stage1=False)
-    if args.ab_host_stage2:      # both stages on the host (the numpy act path)
-        engines["stages on the host"] = RequestEngine(model, pre, space, importance, executor=fast_exec,
-                                                      device_stage1=False, device_stage2=False)
-    abs_ = controller_ab(engines, ctl, image, args.ab_pairs, args.tokens)
-    for name, ab in abs_.items():
-        print(f"controller overhead on the fast engine ({name}): median {ab['overhead_ms_median']:.3f} ms (95% CI "
-              f"{ab['overhead_ms_median_ci95'][0]:.3f}..{ab['overhead_ms_median_ci95'][1]:.3f}) over {ab['pairs']} "
-              f"pairs; stage1 {ab['stage1_ms_median']:.3f} ms, stage2 {ab['stage2_ms_median']:.3f} ms; without "
-              f"preprocess: {ab['overhead_excl_preprocess_ms_median']:.3f} ms (95% CI "
-              f"{ab['overhead_excl_preprocess_ms_median_ci95'][0]:.3f}.."
-              f"{ab['overhead_excl_preprocess_ms_median_ci95'][1]:.3f})", flush=True)
-    ab = abs_["stages on the device"]
-    warm["triton"] = fast_exec.triton
-    out.update({"fast_warmup": warm, "fast": fast_rows, "controller_ab_fast": ab,
-                "stage1_on_device": fast.stage1_on_device is not None,
-                "stage2_on_device": fast.stage2_on_device is not None,
-                "controller_ab_variants": abs_})
-    save()
-    gt = group_throughput(model, pre, space, importance, fast_exec, ctl, image, args.groups, args.group_size,
-                          args.tokens)
-    print(f"training rollouts (groups of {gt['group_size']}, shared preprocessing, controlled path, {gt['knobs']}): "
-          f"{gt['rollouts_per_s']:.1f} rollouts/s over {gt['rollouts']} rollouts; latency median "
-          f"{gt['latency_ms_median']:.2f} ms", flush=True)
-    out["group_throughput"] = gt
-    save()
+    if not args.agreement_only:     # --agreement-only: straight to the token checks
+        # switching settings after warm-up must capture nothing
+        rng = np.random.default_rng(0)
+        for _ in range(40):
+            t, pi, ki, ni = (int(rng.integers(len(x))) for x in (space.tier_names, space.positions, space.top_ks,
+                                                                   space.num_blocks))
+            fixed = space.choice(t, pi, ki, ni)
+            if fixed.p < fixed.num_blocks:
+                fast.serve(image, QUESTION, 1000.0, ctl, fixed=fixed, max_new_tokens=4)
+        warm["captures_after_warmup"] = fast_exec.captures_after_warmup
+        print(f"graphs captured after warm-up while switching 40 random settings: {fast_exec.captures_after_warmup}")
+        # the variants share one executor; their pairs interleave
+        engines = {"stages on the device": fast}
+        if args.ab_stream:           # the same engine, the draws from a UniformStream (as rollout workers do)
+            engines["stages on the device, uniform stream"] = (fast, UniformStream(torch.Generator().manual_seed(0)))
+        if args.ab_greedy:           # the same engine, argmax decisions (the serving path)
+            engines["stages on the device, greedy"] = (fast, "greedy")
+        if args.ab_host_stage1:      # Stage1 (and the language feature) on the host, Stage2 on the device
+            engines["stage1 on the host"] = RequestEngine(model, pre, space, importance, executor=fast_exec,
+                                                          device_stage1=False)
+        if args.ab_host_stage2:      # both stages on the host (the numpy act path)
+            engines["stages on the host"] = RequestEngine(model, pre, space, importance, executor=fast_exec,
+                                                          device_stage1=False, device_stage2=False)
+        abs_ = controller_ab(engines, ctl, image, args.ab_pairs, args.tokens)
+        for name, ab in abs_.items():
+            print(f"controller overhead on the fast engine ({name}): median {ab['overhead_ms_median']:.3f} ms (95% CI "
+                  f"{ab['overhead_ms_median_ci95'][0]:.3f}..{ab['overhead_ms_median_ci95'][1]:.3f}) over {ab['pairs']} "
+                  f"pairs; stage1 {ab['stage1_ms_median']:.3f} ms, stage2 {ab['stage2_ms_median']:.3f} ms; without "
+                  f"preprocess: {ab['overhead_excl_preprocess_ms_median']:.3f} ms (95% CI "
+                  f"{ab['overhead_excl_preprocess_ms_median_ci95'][0]:.3f}.."
+                  f"{ab['overhead_excl_preprocess_ms_median_ci95'][1]:.3f})", flush=True)
+        ab = abs_["stages on the device"]
+        warm["triton"] = fast_exec.triton
+        out.update({"fast_warmup": warm, "fast": fast_rows, "controller_ab_fast": ab,
+                    "stage1_on_device": fast.stage1_on_device is not None,
+                    "stage2_on_device": fast.stage2_on_device is not None,
+                    "controller_ab_variants": abs_})
+        save()
+        gt = group_throughput(model, pre, space, importance, fast_exec, ctl, image, args.groups, args.group_size,
+                              args.tokens)
+        print(f"training rollouts (groups of {gt['group_size']}, shared preprocessing, controlled path, {gt['knobs']}): "
+              f"{gt['rollouts_per_s']:.1f} rollouts/s over {gt['rollouts']} rollouts; latency median "
+              f"{gt['latency_ms_median']:.2f} ms", flush=True)
+        out["group_throughput"] = gt
+        save()
 
     # ---------------- eager engine (same weights in a second copy) and token agreement
     eager_rows, agreement = [], []
@@ -438,7 +414,7 @@ def main() -> int:
         eager_model = random_full_size(device, torch.bfloat16, seed=0).eval()
         eager = RequestEngine(eager_model, pre, space, importance, executor=EagerEngine(eager_model))
         args_e = argparse.Namespace(**{**vars(args), "repeats": args.eager_repeats, "warmup": 1})
-        eager_rows = time_settings(eager, space, image, args_e, "eager")
+        eager_rows = [] if args.agreement_only else time_settings(eager, space, image, args_e, "eager")
         out["eager"] = eager_rows
         save()
         eager_model.vision.to(torch.bfloat16)       # same vision dtype as the fast engine for the token check
@@ -458,6 +434,13 @@ def main() -> int:
             out["token_agreement_float32"] = f"out of memory: {exc}"[:300]
             print(out["token_agreement_float32"], flush=True)
         save()
+
+    if args.agreement_only:
+        for key in ("token_agreement", "token_agreement_float32"):
+            rows = out.get(key) or []
+            print(f"{key}: {sum(r['same_tokens'] for r in rows)} of {len(rows)} sequences equal", flush=True)
+        print(f"wrote {args.out}")
+        return 0
 
     # ---------------- floors and the table
     bw, rate = rates["bandwidth_bytes_per_s"], rates["matmul_flop_per_s"]

@@ -82,9 +82,6 @@ class RayLearnerClient:
     def register_worker(self, worker_id):
         return self._get(self.h.register_worker.remote(worker_id))
 
-    def next_task(self, worker_id):
-        return self._get(self.h.next_task.remote(worker_id))
-
     def next_task_async(self, worker_id):
         return _RayPending(self.h.next_task.remote(worker_id), self.timeout_s)
 
@@ -96,9 +93,6 @@ class RayLearnerClient:
 
     def resolve(self, ref):
         return self._get(ref) if isinstance(ref, ray.ObjectRef) else ref
-
-    def submit_group(self, worker_id, sample_id, rows, failures):
-        return self._get(self.h.submit_group.remote(worker_id, sample_id, rows, list(failures)))
 
     def submit_validation(self, worker_id, round_id, sample_id, budget_ms, result):
         return self._get(self.h.submit_validation.remote(worker_id, round_id, sample_id, budget_ms, result))

@@ -60,12 +60,10 @@ class Answered:
 
 class LearnerClient(Protocol):
     def register_worker(self, worker_id: int) -> dict: ...
-    def next_task(self, worker_id: int) -> dict: ...
     def next_task_async(self, worker_id: int) -> Pending: ...
     def submit_group_async(self, worker_id: int, sample_id: str, rows: list, failures: list) -> Pending: ...
     def pull_weights(self, known_version: int) -> Optional[tuple[int, dict]]: ...
     def resolve(self, ref: Any) -> dict: ...
-    def submit_group(self, worker_id: int, sample_id: str, rows: list, failures: list) -> dict: ...
     def submit_validation(self, worker_id: int, round_id: int, sample_id: str, budget_ms: float,
                           result: Optional[dict]) -> None: ...
 
@@ -79,9 +77,6 @@ class DirectClient:
     def register_worker(self, worker_id):
         return self.learner.register_worker(worker_id)
 
-    def next_task(self, worker_id):
-        return self.learner.next_task(worker_id)
-
     def next_task_async(self, worker_id):
         return Answered(self.learner.next_task(worker_id))
 
@@ -93,9 +88,6 @@ class DirectClient:
 
     def resolve(self, ref):
         return ref
-
-    def submit_group(self, worker_id, sample_id, rows, failures):
-        return self.learner.submit_group(worker_id, sample_id, rows, failures)
 
     def submit_validation(self, worker_id, round_id, sample_id, budget_ms, result):
         return self.learner.submit_validation(worker_id, round_id, sample_id, budget_ms, result)
