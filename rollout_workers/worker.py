@@ -13,7 +13,9 @@ the records sent asynchronously, a worker goes straight from one group to the ne
 names the version before an update that lands meanwhile, so its group may run one version behind (the
 learner's importance ratio accounts for it; `grpo.max_policy_lag` bounds it). Admission control allows
 the one group ahead (`system.max_inflight_groups_per_worker` >= 2; with 1 the lease ahead is answered
-"wait" and the loop asks again after the group).
+"wait" and the loop asks again after the group). `system.lease_ahead: false` restores the unpipelined order
+(next task asked after the records are sent, newest weights pulled before every group): with 2 CPU workers
+it runs 12% of rows one version behind instead of 37%, which the embedded default keeps (docs/RESULTS.md).
 
 It never imports Ray: the learner is reached through a client object (the Ray client calls `ray.get` with
 timeouts and returns pending calls as object refs; tests pass the plain Learner, whose calls run at once
@@ -143,6 +145,7 @@ class RolloutWorker:
         self._sync_weights(client)
         tags = {"worker": str(self.worker_id)}
         sent: deque = deque()                        # submit_group calls not yet answered
+        ahead = bool(self.cfg.system.lease_ahead)
         pending = client.next_task_async(self.worker_id)
         while max_groups is None or self.groups_done < max_groups:
             task = pending.result()
@@ -160,13 +163,15 @@ class RolloutWorker:
                 continue
             # lease the next task while this group runs (not after the last group `max_groups` allows: a
             # lease nobody runs would hold its sample until this worker registers again)
-            if max_groups is None or self.groups_done + 1 < max_groups:
-                pending = client.next_task_async(self.worker_id)
-            if self.version < task["policy_version"]:
+            more = max_groups is None or self.groups_done + 1 < max_groups
+            pending = client.next_task_async(self.worker_id) if more and ahead else None
+            if self.version < task["policy_version"] or not ahead:
                 self._sync_weights(client)
             self._run_train_group(client, task, tags, sent)
             while sent and sent[0].done():           # surface the learner's errors early
                 sent.popleft().result()
+            if more and not ahead:                   # asked after the records: it waits for their answer
+                pending = client.next_task_async(self.worker_id)
         while sent:                                  # every group answered before returning
             sent.popleft().result()
         return {"worker_id": self.worker_id, "groups": self.groups_done, "policy_version": self.version}

@@ -175,6 +175,8 @@ class SystemConfig:
     max_inflight_groups_per_worker: int = _f(
         2, doc="admission control: unfinished groups per worker (2 = the group running and the one leased ahead)",
         lo=1)
+    lease_ahead: bool = _f(True, doc="workers lease the next task while a group runs (faster; more groups run "
+                                     "one policy version behind)")
     total_updates: int = _f(100, doc="GRPO updates to run", lo=0)
     checkpoint_every: int = _f(10, doc="updates between checkpoints", lo=1)
     validate_every: int = _f(0, doc="updates between greedy validations (0 = off)", lo=0)

@@ -421,3 +421,22 @@ def test_worker_loop_with_one_group_in_flight(tmp_path):
     check_records(tmp_path, cfg, 3)
     assert any(a == {"kind": "wait"} for n, a in client.calls if n == "next_task")
     assert learner.counters["dropped_lag"] == 0
+
+
+def test_worker_loop_without_lease_ahead(tmp_path):
+    """system.lease_ahead=false: every task is asked for after the previous group's records were sent, and the
+    newest weights are pulled before every group, so a single worker never runs a group behind."""
+    cfg = make_cfg(tmp_path, "system.total_updates=3", "system.validate_every=0", "system.lease_ahead=false")
+    learner, (w,) = make_pair(cfg)
+    client = RecordingClient(learner)
+    w.run_loop(client)
+    assert learner.trainer.step == 3
+    submits = [i for i, (n, _) in enumerate(client.calls) if n == "submit_group"]
+    sent = [client.calls[i][1]["sample_id"] for i in submits]
+    for k in range(1, len(sent)):               # group k's task was leased after group k-1's records were sent
+        leased = [a["sample_id"] for n, a in client.calls[submits[k - 1]:submits[k]]
+                  if n == "next_task" and a["kind"] == "train"]
+        assert leased == [sent[k]], (k, leased)
+    table = check_records(tmp_path, cfg, 3)
+    assert set(s - v for s, v in zip(table.column("step").to_pylist(),
+                                      table.column("policy_version").to_pylist())) == {0}
