@@ -15,7 +15,7 @@ learner's importance ratio accounts for it; `grpo.max_policy_lag` bounds it). Ad
 the one group ahead (`system.max_inflight_groups_per_worker` >= 2; with 1 the lease ahead is answered
 "wait" and the loop asks again after the group). `system.lease_ahead: false` restores the unpipelined order
 (next task asked after the records are sent, newest weights pulled before every group): with 2 CPU workers
-it runs 12% of rows one version behind instead of 37%, which the embedded default keeps (docs/RESULTS.md).
+it runs 12% of rows one version behind instead of 37%.
 
 It never imports Ray: the learner is reached through a client object (the Ray client calls `ray.get` with
 timeouts and returns pending calls as object refs; tests pass the plain Learner, whose calls run at once
