@@ -72,6 +72,12 @@ def tiny_shapes_config() -> MolmoeConfig:
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
 # ----------------------------------------------------------------------------------------------
+# The merges are learned on these families' questions (shapes.FAMILIES of the third build), so families
+# added later (code_hop1) do not change the shipped tokenizer; their words are in it already.
+TOKENIZER_FAMILIES = ("large_color", "large_count_color", "checker_color", "checker_count", "more_color",
+                      "right_color")
+
+
 def build_shapes_tokenizer(vocab_size: int = 448) -> MolmoTokenizer:
     """The tiny tokenizer's layout (EOS 0, pad 1, 256 bytes, merges up to 448, the five image tokens at
     448..452) with merges learned on the shapes prompts and answers first, then the tiny corpus."""
@@ -82,7 +88,7 @@ def build_shapes_tokenizer(vocab_size: int = 448) -> MolmoTokenizer:
 
     qs, ans = set(), set()
     for i in range(600):
-        _, q, a, _ = shapes.render_item(i, "train", 0)
+        _, q, a, _ = shapes.render_item(i, "train", 0, family=TOKENIZER_FAMILIES[i % len(TOKENIZER_FAMILIES)])
         qs.add(q)
         ans.update(a)
     for fam in shapes.AUX_FAMILIES:
@@ -541,7 +547,7 @@ def main(argv=None) -> int:
     (out / "build_info.json").write_text(json.dumps({
         "command": "PYTHONPATH=. python jobs/build_tiny_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args), "steps": step + 1, "planned_steps": planned, "samples": (step + 1) * args.batch,
-        "stopped_early": stopped_early, "families": list(shapes.FAMILIES), "aux_families": list(shapes.AUX_FAMILIES),
+        "stopped_early": stopped_early, "families": list(dict.fromkeys(fams or shapes.FAMILIES)), "aux_families": list(shapes.AUX_FAMILIES),
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1), "device": dev_name,
         "torch": torch.__version__, "parameters": n_params, "history": history,
         "validation_accuracy": final, "validation_samples": len(val_items),

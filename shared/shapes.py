@@ -20,6 +20,8 @@ the pastel; the rim stays pastel). Question families (FAMILIES; the held-out set
 |                   |                                                   |             | and a comparison (depth)       |
 | right_color       | What color is the next shape right of the {c}     | colour word | the global view; two hops      |
 |                   | shape?                                            |             | (find {c}, then its neighbour) |
+| code_hop1         | red is 3 , blue is 1 , green is 4 , yellow is 2 . | 1..4        | the global view; a lookup in   |
+|                   | What number is the big shape?                     |             | the question (LLM depth)       |
 
 Erasure (DETAIL_FAMILIES): the tiny model's 112-px crops see the 224-px scene at half scale in the
 global view and at max_crops 1 (1x1 tiling), at 3/4 scale at max_crops 4 (2x2) and at full scale at
@@ -46,7 +48,7 @@ cells, one global-view token per cell:
 | row_hopN     | as order_hopN, the four shapes in one grid row (adjacent tokens)      | colour |
 | column_of    | Which column is the {c} shape in? (order_hop's layout)                | 1..4   |
 
-CODE_FAMILIES (not in FAMILIES) show one big shape and give a table in the question, in a random order:
+CODE_FAMILIES (code_hop1 is in FAMILIES since the fourth build, code_hop2 is not) show one big shape and give a table in the question, in a random order:
 
 | family       | question                                                              | answer |
 |--------------|-----------------------------------------------------------------------|--------|
@@ -95,9 +97,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
 LARGE_SHAPES = ("circle", "square", "triangle")
 SMALL_SHAPES = ("circle", "square", "triangle", "cross")
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
-FAMILIES = ("large_color", "large_count_color", "checker_color", "checker_count", "more_color", "right_color")
+FAMILIES = ("large_color", "large_count_color", "checker_color", "checker_count", "more_color", "right_color",
+            "code_hop1")
 DETAIL_FAMILIES = ("checker_color", "checker_count")      # need max_crops 9 (full-scale crops)
 DEPTH_FAMILIES = ("more_color", "right_color")            # global view, two pieces of evidence
+LOOKUP_FAMILIES = ("code_hop1",)                          # a table lookup in the question: needs blocks, not crops
 # Relation-chain families tried for a fourth build (not in FAMILIES: the tiny model did not learn them
 # in ~3,000 GPU steps, docs/RESULTS.md "Per-family gain: what was tried"); generate them with family=.
 GRID_FAMILIES = ("grid_hop1", "grid_hop2", "grid_hop3")   # 1-3 relations on a 4 x 4 grid
@@ -584,8 +588,8 @@ FAMILY_NAMES = tuple(_FAMILY_FN)                          # every family make_it
 
 
 def make_item(index: int, split: str = "train", seed: int = 0, family: Optional[str] = None) -> ShapesItem:
-    """Sample `index` of `split` (families cycle by index, so every family is present in any 6
-    consecutive samples). Deterministic in (seed, split, index)."""
+    """Sample `index` of `split` (families cycle by index, so every family is present in any
+    len(FAMILIES) consecutive samples). Deterministic in (seed, split, index)."""
     if split not in SPLITS:
         raise ValueError(f"unknown shapes split {split!r}; splits: {sorted(SPLITS)}")
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index), 0x5A4E])
