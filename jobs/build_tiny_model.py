@@ -382,7 +382,15 @@ def main(argv=None) -> int:
     ap.add_argument("--lead-full-depth", action="store_true",
                     help="run every batch of the first --lead-steps steps at full compute")
     ap.add_argument("--final-eval", default="grid", choices=["grid", "short"])
+    ap.add_argument("--deterministic", action="store_true",
+                    help="torch.use_deterministic_algorithms(True) (CUBLAS_WORKSPACE_CONFIG=:4096:8): bit-identical "
+                         "rebuilds on the same GPU type; fails at once if an op has no deterministic kernel")
     args = ap.parse_args(argv)
+    if args.deterministic:
+        # must be set before the first cuBLAS call
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -309,6 +309,24 @@ def static_name(choice) -> str:
     return f"static:{choice.tier}/p{choice.p}/k{choice.top_k}/nb{choice.num_blocks}"
 
 
+def controller_by_type(test: list[dict], b_idx: int) -> dict:
+    """The controller's accuracy and mean knobs per question type at budget index `b_idx`: does it spend
+    crops and blocks where the question needs them? {type: {n, accuracy, max_crops, top_k, num_blocks,
+    latency_ms}} (means over that type's test samples), sorted by type; "" for samples without a type."""
+    groups: dict[str, list[dict]] = {}
+    for r in test:
+        groups.setdefault(r.get("question_type", ""), []).append(r)
+    out = {}
+    for qt in sorted(groups):
+        rs = groups[qt]
+        knobs = [r["controller"]["knobs"][b_idx] for r in rs]
+        out[qt] = {"n": len(rs),
+                   "accuracy": float(np.mean([r["controller"]["accuracy"][b_idx] for r in rs])),
+                   "latency_ms": float(np.mean([r["controller"]["latency_ms"][b_idx] for r in rs])),
+                   **{k: float(np.mean([kn[k] for kn in knobs])) for k in ("max_crops", "top_k", "num_blocks")}}
+    return out
+
+
 def build_report(results: list[dict], statics: list, budgets: list[float], *, num_resamples: int = 1000,
                  seed: int = 0) -> dict:
     """Per-budget, per-policy metrics from the per-sample results (see the module docstring).
@@ -385,6 +403,7 @@ def build_report(results: list[dict], statics: list, budgets: list[float], *, nu
                      "test_accuracy": float(test_acc[best])},
                  "static_meeting": int((prof_p95 <= b).sum()),
                  "controller_knobs": em.knob_distribution(knobs),
+                 "controller_by_type": controller_by_type(test, b_idx),
                  "controller_segments_ms": seg_mean,
                  "controller_vs_lookup": em.paired_diff_ci(c_acc[b_idx], s_acc[look], **kw),
                  "controller_vs_best_static": (em.paired_diff_ci(c_acc[b_idx], s_acc[best], **kw)
@@ -490,6 +509,16 @@ def markdown(report: dict) -> str:
         top = k["top_joint"][0] if k["top_joint"] else {"knobs": "-", "count": 0}
         lines.append(f"| {e['budget_ms']:.0f} | {cell(k['tier'])} | {cell(k['p'])} | {cell(k['top_k'])} | "
                      f"{cell(k['num_blocks'])} | {top['knobs']} ({top['count']}) |")
+    types = sorted({qt for e in report["per_budget"] for qt in e.get("controller_by_type", {})})
+    if len(types) > 1:
+        lines += ["", "## Controller choices per question type (mean max_crops / blocks; accuracy)", "",
+                  "| budget ms | " + " | ".join(t or "(none)" for t in types) + " |",
+                  "|---:|" + "---|" * len(types)]
+        for e in report["per_budget"]:
+            bt = e["controller_by_type"]
+            cells = [f"{bt[t]['max_crops']:.1f} / {bt[t]['num_blocks']:.1f}; {bt[t]['accuracy']:.2f}"
+                     if t in bt else "-" for t in types]
+            lines.append(f"| {e['budget_ms']:.0f} | " + " | ".join(cells) + " |")
     lines += ["", f"## Static combinations (p = {m['static_p']})", "",
               "| combination | profiling p95 ms | profiling acc | test acc [95% CI] | test mean ms "
               "| meets budgets |",

@@ -151,7 +151,7 @@ class EvalRunner:
     def evaluate(self, sample: Sample, role: str, budgets: Sequence[float]) -> dict:
         """All of one sample's runs for `role` ("test" or "profile"); {"error": msg} for a bad sample."""
         self.warmup()
-        res: dict = {"sample_id": sample.sample_id, "role": role}
+        res: dict = {"sample_id": sample.sample_id, "role": role, "question_type": sample.question_type}
         try:
             res["static"] = self.run_static(sample)
             if role == "test":

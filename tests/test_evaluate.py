@@ -93,6 +93,11 @@ def test_outputs_have_every_policy_at_every_budget(evaluated, run_dir):
         assert set(k) >= {"tier", "p", "top_k", "num_blocks", "top_joint"}
         assert set(e["controller_segments_ms"]) >= {"vision_ms", "decode_ms"}
         assert set(e["aim"]) >= {"met", "accuracy_ok", "attainment_ok"}
+        # the per-question-type breakdown partitions the test samples and averages to the controller's row
+        bt = e["controller_by_type"]
+        assert sum(t["n"] for t in bt.values()) == 12
+        ctl = next(r for r in report["rows"] if r["policy"] == "controller" and r["budget_ms"] == e["budget_ms"])
+        assert sum(t["n"] * t["accuracy"] for t in bt.values()) / 12 == pytest.approx(ctl["accuracy"])
     # A static combination's latency does not depend on the budget: same numbers at every budget.
     name = report["policies"][-1]
     lat = {r["mean_latency_ms"] for r in report["rows"] if r["policy"] == name}
@@ -175,6 +180,20 @@ def test_sample_results_do_not_depend_on_the_shard(run_dir):
 # ----------------------------------------------------------------------------------------------
 # Pure pieces
 # ----------------------------------------------------------------------------------------------
+def test_controller_by_type_by_hand():
+    def res(qt, acc, crops, blocks):
+        knobs = {"tier": "x", "max_crops": crops, "p": 1, "top_k": 2, "num_blocks": blocks}
+        return {"question_type": qt, "controller": {"accuracy": [0.0, acc], "latency_ms": [1.0, 10.0 * blocks],
+                                                    "knobs": [dict(knobs, max_crops=1), knobs]}}
+    test = [res("lookup", 1.0, 1, 6), res("lookup", 0.0, 1, 8), res("checker", 1.0, 9, 2)]
+    bt = ev.controller_by_type(test, 1)
+    assert list(bt) == ["checker", "lookup"]
+    assert bt["lookup"] == {"n": 2, "accuracy": 0.5, "latency_ms": 70.0, "max_crops": 1.0, "top_k": 2.0,
+                            "num_blocks": 7.0}
+    assert bt["checker"]["max_crops"] == 9.0 and bt["checker"]["n"] == 1
+    assert ev.controller_by_type(test, 0)["checker"]["max_crops"] == 1.0
+
+
 def test_policy_metrics_by_hand():
     m = em.policy_metrics(np.array([1.0, 0.0, 1.0, 1.0]), np.array([90.0, 110.0, 130.0, 100.0]), 100.0,
                           num_resamples=500)

@@ -120,16 +120,23 @@ def test_build_smoke_with_depth_curriculum(tmp_path):
     info = json.loads((out / "build_info.json").read_text())
     assert info["args"]["depth_families"] == "more_color,right_color" and info["steps"] == 2
     assert load_molmoe(out, device="cpu", dtype=torch.float32).model is not None
-    # --families outside shapes.FAMILIES: validation is rendered for those families
+    from shared import shapes
+    assert info["families"] == list(shapes.FAMILIES)       # no --families: the set's own families
+    # --families outside shapes.FAMILIES: validation is rendered for those families (and recorded);
+    # --deterministic turns torch's deterministic algorithms on for the build
     threads = torch.get_num_threads()
     try:
         build_tiny_model.main(["--device", "cpu", "--threads", "1", "--workers", "0", "--out", str(out),
                                "--steps", "1", "--batch", "4", "--eval-samples", "4", "--eval-every", "0",
-                               "--final-eval", "short", "--families", "order_hop1", "--tiers", "1"])
+                               "--final-eval", "short", "--families", "order_hop1", "--tiers", "1",
+                               "--deterministic"])
+        assert torch.are_deterministic_algorithms_enabled()
     finally:
+        torch.use_deterministic_algorithms(False)
         torch.set_num_threads(threads)
     info = json.loads((out / "build_info.json").read_text())
     assert set(info["validation_accuracy"]["full"]) == {"order_hop1", "all"}
+    assert info["families"] == ["order_hop1"] and info["args"]["deterministic"] is True
     with pytest.raises(SystemExit):
         build_tiny_model.main(["--device", "cpu", "--out", str(out), "--steps", "1",
                                "--depth-families", "right_color", "--depth-weights", "1,1"])
