@@ -27,8 +27,9 @@ What is compared, on the held-out split (--split test|val) at --budgets budgets 
 - random: uniform over the feasible options (tier, p, top_k, num_blocks) of each request.
 
 Metrics per (budget, policy): accuracy with a bootstrap 95% interval, attainment (share within budget),
-mean and p95 latency, mean overrun of the violations; per budget the controller's knob distribution and
-its paired accuracy difference to the lookup table and to the best static combination.
+mean and p95 latency, mean overrun of the violations; per budget the controller's knob distribution,
+its mean knobs and accuracy per question type, and its paired accuracy difference to the lookup table and
+to the best static combination.
 
 Output (default <run>/eval/): eval.json, eval.md, accuracy_vs_budget.png, attainment_vs_budget.png,
 latency_accuracy.png. A progress line goes to stderr. --workers N (> 1) shards the samples over N Ray
