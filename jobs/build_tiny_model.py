@@ -22,7 +22,8 @@ request would see them, so reduced settings degrade gracefully rather than colla
   - a quarter of the batches run full compute.
 Experiments can restrict the families (`--families`), weight a family's loss by depth (`--depth-families`),
 or put a slow-to-learn family first (`--lead-families`, `--lead-steps`, `--lead-frac`, `--lead-full-depth`:
-a curriculum over time); all are off by default, and then the build is the shipped one's.
+a curriculum over time; `--lead-until` ends it once the family is learned). These are off by default.
+`--deterministic` makes GPU builds bit-identical. The shipped model's command is in its MODEL_CARD.md.
 A Switch-style load-balancing loss keeps all experts in use. Batches of one tier share one image
 layout, so sequences differ only in the question and are right-padded (causal attention: padding at
 the end never reaches a real position).
@@ -381,6 +382,13 @@ def main(argv=None) -> int:
     ap.add_argument("--lead-frac", type=float, default=0.0)
     ap.add_argument("--lead-full-depth", action="store_true",
                     help="run every batch of the first --lead-steps steps at full compute")
+    ap.add_argument("--lead-until", type=float, default=0.0,
+                    help="end the lead early, at the first check where the lead families reach this accuracy at "
+                         "full compute (0 = always run --lead-steps steps)")
+    ap.add_argument("--lead-check-every", type=int, default=100, help="steps between --lead-until checks")
+    ap.add_argument("--lead-check-samples", type=int, default=200,
+                    help="held-out lead-family questions per --lead-until check (validation split, disjoint "
+                         "from the reported validation questions)")
     ap.add_argument("--final-eval", default="grid", choices=["grid", "short"])
     ap.add_argument("--deterministic", action="store_true",
                     help="torch.use_deterministic_algorithms(True) (CUBLAS_WORKSPACE_CONFIG=:4096:8): bit-identical "
@@ -456,12 +464,25 @@ def main(argv=None) -> int:
     unknown = [f for f in lead if f not in shapes.FAMILY_NAMES]
     if unknown:
         raise SystemExit(f"unknown --lead-families {unknown}; known: {sorted(shapes.FAMILY_NAMES)}")
-    loader = torch.utils.data.DataLoader(SceneBatches(args.batch, max_steps, args.seed, aux_frac=args.aux_frac,
-                                                      families=fams, lead=lead, lead_steps=args.lead_steps,
-                                                      lead_frac=args.lead_frac), batch_size=None,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         prefetch_factor=8 if args.workers else None,
-                                         persistent_workers=False)
+    if args.lead_until and not lead:
+        raise SystemExit("--lead-until needs --lead-families")
+
+    def make_loader(start_step: int, lead_steps: int):
+        """Batches start_step.. of the stream; the lead share applies to steps < lead_steps."""
+        return torch.utils.data.DataLoader(SceneBatches(args.batch, max_steps, args.seed, start_step=start_step,
+                                                        aux_frac=args.aux_frac, families=fams, lead=lead,
+                                                        lead_steps=lead_steps, lead_frac=args.lead_frac),
+                                           batch_size=None, num_workers=args.workers,
+                                           pin_memory=device.type == "cuda",
+                                           prefetch_factor=8 if args.workers else None, persistent_workers=False)
+
+    # --lead-until: the lead ends at the first check where the lead families, at full compute, reach that
+    # accuracy (at the latest after --lead-steps); the data stream then restarts at the next step without the
+    # lead share, so the switch is deterministic given the training (--deterministic)
+    lead_end = args.lead_steps
+    lead_val = [shapes.render_item(100_000 + i, "validation", args.seed, family=lead[i % len(lead)])
+                for i in range(args.lead_check_samples)] if args.lead_until else []
+    loader = make_loader(0, lead_end)
     rng = random.Random(args.seed)
     budget_s = args.minutes * 60
     t_train = time.time()
@@ -470,7 +491,12 @@ def main(argv=None) -> int:
     step = 0
     ema = None
     stopped_early = False
-    for step_idx, imgs, qs, ans, batch_fams in loader:
+    batches = iter(loader)
+    while True:
+        try:
+            step_idx, imgs, qs, ans, batch_fams = next(batches)
+        except StopIteration:
+            break
         elapsed = time.time() - t_train
         if args.steps and elapsed > budget_s:
             # --steps fixes the schedule; --minutes is then a guard (the GPU call has a hard limit)
@@ -493,7 +519,7 @@ def main(argv=None) -> int:
             lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / horizon)))
         for g in opt.param_groups:
             g["lr"] = lr
-        full_frac = 1.0 if args.lead_full_depth and step < args.lead_steps else args.full_frac
+        full_frac = 1.0 if args.lead_full_depth and step < lead_end else args.full_frac
         mc, blocks, kmap = draw_knobs(rng, L, cfg.top_k, full_frac, tiers, block_weights)
         ids, tg, crops = make_batch(lay, tok, cache, imgs, qs, ans, mc)
         probe.on = True
@@ -527,6 +553,15 @@ def main(argv=None) -> int:
             print(f"  eval step {step}: full {r['full']['all']:.3f} cheap {r['cheap']['all']:.3f} "
                   f"{json.dumps({k: round(v, 2) for k, v in r['full'].items()})} "
                   f"cheap {json.dumps({k: round(v, 2) for k, v in r['cheap'].items()})}", flush=True)
+        if lead_val and step + 1 < lead_end and (step + 1) % args.lead_check_every == 0:
+            acc = evaluate(model, lay, tok, cache, lead_val, {"full": full}, amp)["full"]["all"]
+            print(f"  lead check step {step + 1}: {'+'.join(lead)} at full compute {acc:.3f}", flush=True)
+            if acc >= args.lead_until:
+                lead_end = step + 1
+                print(f"  lead ends at step {lead_end}", flush=True)
+                del batches, loader               # its workers rendered batches ahead with the lead share
+                loader = make_loader(lead_end, lead_end)
+                batches = iter(loader)
     train_s = time.time() - t_train
     print(f"trained {step + 1} steps x {args.batch} in {train_s:.0f}s", flush=True)
 
@@ -556,7 +591,8 @@ def main(argv=None) -> int:
     (out / "build_info.json").write_text(json.dumps({
         "command": "PYTHONPATH=. python jobs/build_tiny_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args), "steps": step + 1, "planned_steps": planned, "samples": (step + 1) * args.batch,
-        "stopped_early": stopped_early, "families": list(dict.fromkeys(fams or shapes.FAMILIES)), "aux_families": list(shapes.AUX_FAMILIES),
+        "stopped_early": stopped_early, "lead_end_step": lead_end if lead else None,
+        "families": list(dict.fromkeys(fams or shapes.FAMILIES)), "aux_families": list(shapes.AUX_FAMILIES),
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1), "device": dev_name,
         "torch": torch.__version__, "parameters": n_params, "history": history,
         "validation_accuracy": final, "validation_samples": len(val_items),

@@ -142,6 +142,50 @@ def test_build_smoke_with_depth_curriculum(tmp_path):
                                "--depth-families", "right_color", "--depth-weights", "1,1"])
 
 
+def test_lead_until_ends_the_lead_at_the_first_check_that_passes(tmp_path, monkeypatch, capsys):
+    """--lead-until: the lead ends at the first check whose lead-family accuracy reaches the threshold (here
+    every check passes, so at the first check, step 2 of a 5-step lead); without it the lead runs its
+    --lead-steps; the switch restarts the data stream at the next step."""
+    import build_tiny_model
+
+    calls = []
+
+    def fake_evaluate(model, lay, tok, cache, items, settings, amp, batch=200):
+        calls.append({it[3] for it in items})
+        return {name: {"all": 1.0} for name in settings}
+
+    monkeypatch.setattr(build_tiny_model, "evaluate", fake_evaluate)
+    starts = []
+    real = build_tiny_model.SceneBatches.__init__
+
+    def spy(self, *a, **kw):
+        starts.append((kw.get("start_step", 0), kw.get("lead_steps")))
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(build_tiny_model.SceneBatches, "__init__", spy)
+    common = ["--device", "cpu", "--threads", "1", "--workers", "0", "--steps", "6", "--batch", "4",
+              "--eval-samples", "4", "--eval-every", "0", "--final-eval", "short",
+              "--families", "large_color,code_hop1", "--lead-families", "code_hop1", "--lead-steps", "5",
+              "--lead-frac", "0.5", "--lead-full-depth"]
+    threads = torch.get_num_threads()
+    try:
+        assert build_tiny_model.main(common + ["--lead-until", "0.9", "--lead-check-every", "2",
+                                               "--lead-check-samples", "3", "--out", str(tmp_path / "a")]) == 0
+        info = json.loads((tmp_path / "a" / "build_info.json").read_text())
+        assert info["lead_end_step"] == 2 and "lead ends at step 2" in capsys.readouterr().out
+        assert starts == [(0, 5), (2, 2)]                     # the stream restarts at step 2, lead share off
+        assert calls[0] == {"code_hop1"}                       # the check asks only lead-family questions
+        starts.clear()
+        assert build_tiny_model.main(common + ["--out", str(tmp_path / "b")]) == 0
+        assert json.loads((tmp_path / "b" / "build_info.json").read_text())["lead_end_step"] == 5
+        assert starts == [(0, 5)]
+        with pytest.raises(SystemExit):
+            build_tiny_model.main(["--device", "cpu", "--steps", "1", "--lead-until", "0.9",
+                                   "--out", str(tmp_path / "c")])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_scene_batches_lead_families_take_their_share_only_early():
     """--lead-families: in the first lead_steps steps about lead_frac of the samples come from the lead families
     (in runs of 7, like --families), afterwards none; without them the draw is unchanged."""
