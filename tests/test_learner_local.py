@@ -376,6 +376,15 @@ class RecordingClient(DirectClient):
         self.calls.append(("submit_group", {"sample_id": sample_id, **pending.result()}))
         return pending
 
+    def submits(self) -> tuple[list[int], list[str]]:
+        """Positions of the submit_group calls in `calls`, and the sample ids they sent, in order."""
+        at = [i for i, (n, _) in enumerate(self.calls) if n == "submit_group"]
+        return at, [self.calls[i][1]["sample_id"] for i in at]
+
+    def train_leases(self, lo: int, hi: int) -> list[str]:
+        """Sample ids of the training tasks leased by calls[lo:hi]."""
+        return [a["sample_id"] for n, a in self.calls[lo:hi] if n == "next_task" and a["kind"] == "train"]
+
     def pull_weights(self, known_version):
         got = super().pull_weights(known_version)
         self.calls.append(("pull_weights", None if got is None else got[0]))
@@ -392,14 +401,12 @@ def test_worker_leases_the_next_task_ahead_and_runs_no_group_after_training(tmp_
     client = RecordingClient(learner)
     w.run_loop(client)
     assert learner.trainer.step == 4
-    submits = [i for i, (n, _) in enumerate(client.calls) if n == "submit_group"]
-    sent = [client.calls[i][1]["sample_id"] for i in submits]
+    submits, sent = client.submits()
     assert len(sent) == 4 * cfg.grpo.groups_per_update
     # group k+1's task was leased before group k's records were sent (between submits k-1 and k)
     starts = [0] + submits[:-1]
     for k in range(len(sent) - 1):
-        leased = [a["sample_id"] for n, a in client.calls[starts[k]:submits[k]]
-                  if n == "next_task" and a["kind"] == "train"]
+        leased = client.train_leases(starts[k], submits[k])
         assert sent[k + 1] in leased, (k, leased)
     answers = [a for n, a in client.calls if n == "submit_group"]
     assert all(a["accepted"] for a in answers), answers          # none 'stopped': no group run for nothing
@@ -431,11 +438,9 @@ def test_worker_loop_without_lease_ahead(tmp_path):
     client = RecordingClient(learner)
     w.run_loop(client)
     assert learner.trainer.step == 3
-    submits = [i for i, (n, _) in enumerate(client.calls) if n == "submit_group"]
-    sent = [client.calls[i][1]["sample_id"] for i in submits]
+    submits, sent = client.submits()
     for k in range(1, len(sent)):               # group k's task was leased after group k-1's records were sent
-        leased = [a["sample_id"] for n, a in client.calls[submits[k - 1]:submits[k]]
-                  if n == "next_task" and a["kind"] == "train"]
+        leased = client.train_leases(submits[k - 1], submits[k])
         assert leased == [sent[k]], (k, leased)
     table = check_records(tmp_path, cfg, 3)
     assert set(s - v for s, v in zip(table.column("step").to_pylist(),
