@@ -345,6 +345,44 @@ def init_weights(model: MolmoeModel, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
+# arguments that may differ between the calls of one build split by --state / --resume
+_RUN_ONLY_ARGS = {"state", "resume", "pause_step", "minutes", "out", "workers", "threads", "stop_step",
+                  "final_eval", "eval_every"}
+
+
+def save_train_state(path: Path, args, next_step: int, model, opt, rng, lead_end: int, history, ema,
+                     train_s: float) -> None:
+    """Everything the next step depends on (weights, optimizer, RNGs, the lead switch), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"step": next_step, "model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
+             "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized()
+             else None,
+             "lead_end": lead_end, "history": history, "ema": ema, "train_s": train_s,
+             "args": {k: v for k, v in vars(args).items() if k not in _RUN_ONLY_ARGS}}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_train_state(path: Path, args, device) -> dict:
+    """The state saved by save_train_state; refuses one saved with other training arguments."""
+    if not path.is_file():
+        raise SystemExit(f"--resume: no training state at {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:                                  # truncated or not a torch file
+        raise SystemExit(f"--resume: {path} is not a readable training state ({type(e).__name__}: {e})")
+    if not isinstance(state, dict) or "args" not in state or "step" not in state:
+        raise SystemExit(f"--resume: {path} is not a training state written by build_tiny_model.py")
+    mine = {k: v for k, v in vars(args).items() if k not in _RUN_ONLY_ARGS}
+    diff = sorted(k for k in set(mine) | set(state["args"]) if mine.get(k) != state["args"].get(k))
+    if diff:
+        raise SystemExit("--resume: the state was saved with other training arguments: "
+                         + ", ".join(f"{k} {state['args'].get(k)!r} there vs {mine.get(k)!r} here" for k in diff))
+    return state
+
+
 # ----------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -354,6 +392,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=0, help="training steps (0 = as many as fit in --minutes)")
     ap.add_argument("--minutes", type=float, default=7.0, help="wall-clock budget for the training loop")
+    ap.add_argument("--stop-step", type=int, default=0,
+                    help="end training before this step of the --steps schedule (reproduces a build that the "
+                         "wall-clock guard stopped: its lr schedule still spans --steps)")
+    ap.add_argument("--state", default="",
+                    help="training-state file: with it, the wall-clock guard and --pause-step save the state there "
+                         "and exit instead of ending training, and --resume continues from it (a build split over "
+                         "several calls gives the same weights as one run)")
+    ap.add_argument("--pause-step", type=int, default=0, help="with --state: save the state before this step and exit")
+    ap.add_argument("--resume", action="store_true", help="continue the build saved in --state (same arguments)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--full-frac", type=float, default=0.25)
@@ -395,6 +442,10 @@ def main(argv=None) -> int:
                          "rebuilds on the same GPU type (~1.3x slower per step on an H100); an op without a deterministic "
                          "kernel raises when first called")
     args = ap.parse_args(argv)
+    if (args.resume or args.pause_step) and not args.state:
+        raise SystemExit("--resume and --pause-step need --state FILE")
+    if args.state and not args.steps:
+        raise SystemExit("--state needs --steps: a paused build resumes on a fixed schedule")
     if args.deterministic:
         # must be set before the first cuBLAS call
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -482,22 +533,47 @@ def main(argv=None) -> int:
     lead_end = args.lead_steps
     lead_val = [shapes.render_item(100_000 + i, "validation", args.seed, family=lead[i % len(lead)])
                 for i in range(args.lead_check_samples)] if args.lead_until else []
-    loader = make_loader(0, lead_end)
     rng = random.Random(args.seed)
     budget_s = args.minutes * 60
-    t_train = time.time()
     planned = args.steps
     history = []
     step = 0
+    start_step = 0
     ema = None
     stopped_early = False
+    train_s_before = 0.0                         # training seconds of the earlier calls of a resumed build
+    if args.resume:
+        state = load_train_state(Path(args.state), args, device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        start_step, lead_end, history, ema = state["step"], state["lead_end"], state["history"], state["ema"]
+        train_s_before = state["train_s"]
+        step = start_step - 1
+        print(f"resumed from {args.state} at step {start_step} (lead ends at {lead_end})", flush=True)
+    loader = make_loader(start_step, lead_end)
+    t_train = time.time()
     batches = iter(loader)
     while True:
         try:
             step_idx, imgs, qs, ans, batch_fams = next(batches)
         except StopIteration:
             break
+        if args.stop_step and step_idx >= args.stop_step:
+            print(f"--stop-step: stopping at step {step_idx} of {args.steps}", flush=True)
+            stopped_early = True
+            break
         elapsed = time.time() - t_train
+        pause = args.pause_step and step_idx >= args.pause_step
+        if args.state and (pause or elapsed > budget_s):
+            save_train_state(Path(args.state), args, step_idx, model, opt, rng, lead_end, history, ema,
+                             train_s_before + elapsed)
+            print(f"paused before step {step_idx} of {args.steps} after {elapsed:.0f}s: state in {args.state} "
+                  f"(continue with the same arguments and --resume)", flush=True)
+            return 0
         if args.steps and elapsed > budget_s:
             # --steps fixes the schedule; --minutes is then a guard (the GPU call has a hard limit)
             print(f"wall-clock guard: stopping at step {step_idx} of {args.steps} after {elapsed:.0f}s", flush=True)
@@ -562,7 +638,7 @@ def main(argv=None) -> int:
                 del batches, loader               # its workers rendered batches ahead with the lead share
                 loader = make_loader(lead_end, lead_end)
                 batches = iter(loader)
-    train_s = time.time() - t_train
+    train_s = train_s_before + time.time() - t_train
     print(f"trained {step + 1} steps x {args.batch} in {train_s:.0f}s", flush=True)
 
     # final evaluation on the bf16-rounded weights that ship
@@ -591,7 +667,7 @@ def main(argv=None) -> int:
     (out / "build_info.json").write_text(json.dumps({
         "command": "PYTHONPATH=. python jobs/build_tiny_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args), "steps": step + 1, "planned_steps": planned, "samples": (step + 1) * args.batch,
-        "stopped_early": stopped_early, "lead_end_step": lead_end if lead else None,
+        "stopped_early": stopped_early, "resumed": bool(args.resume), "lead_end_step": lead_end if lead else None,
         "families": list(dict.fromkeys(fams or shapes.FAMILIES)), "aux_families": list(shapes.AUX_FAMILIES),
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1), "device": dev_name,
         "torch": torch.__version__, "parameters": n_params, "history": history,

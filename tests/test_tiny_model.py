@@ -201,3 +201,49 @@ def test_scene_batches_lead_families_take_their_share_only_early():
     assert late == [plain.family(i) for i in range(10 * 64, 30 * 64)]
     assert [f for f, p in zip(early, (plain.family(i) for i in range(10 * 64))) if f != "code_hop1"] == \
         [p for f, p in zip(early, (plain.family(i) for i in range(10 * 64))) if f != "code_hop1"]
+
+
+def test_paused_and_resumed_build_equals_one_run(tmp_path):
+    """--state/--pause-step/--resume: a build paused at step 3 and resumed reaches step 6 with weights and
+    optimizer state bit-identical to one run paused at step 6 (lead share and depth curriculum included); a
+    state saved with other training arguments, or a corrupt one, is refused by name."""
+    import build_tiny_model
+
+    common = ["--device", "cpu", "--threads", "1", "--workers", "0", "--steps", "8", "--batch", "4",
+              "--eval-samples", "4", "--eval-every", "0", "--final-eval", "short", "--warmup", "2",
+              "--families", "large_color,code_hop1", "--lead-families", "code_hop1", "--lead-steps", "4",
+              "--lead-frac", "0.5", "--lead-full-depth", "--depth-families", "code_hop1",
+              "--depth-weights", "0,0,0,1,1", "--out", str(tmp_path / "m")]
+    one, split = tmp_path / "one.pt", tmp_path / "split.pt"
+    threads = torch.get_num_threads()
+    try:
+        assert build_tiny_model.main(common + ["--state", str(one), "--pause-step", "6"]) == 0
+        assert build_tiny_model.main(common + ["--state", str(split), "--pause-step", "3"]) == 0
+        assert torch.load(split, weights_only=False)["step"] == 3
+        assert build_tiny_model.main(common + ["--state", str(split), "--resume", "--pause-step", "6"]) == 0
+        a, b = torch.load(one, weights_only=False), torch.load(split, weights_only=False)
+        assert a["step"] == b["step"] == 6
+        assert a["model"].keys() == b["model"].keys()
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), k
+        for (ka, sa), (kb, sb) in zip(a["opt"]["state"].items(), b["opt"]["state"].items()):
+            assert ka == kb and all(torch.equal(sa[n], sb[n]) for n in sa)
+        assert a["rng"] == b["rng"] and a["lead_end"] == b["lead_end"] == 4
+        # the state moved: step 6's weights differ from step 3's
+        b3 = common + ["--state", str(tmp_path / "three.pt"), "--pause-step", "3"]
+        build_tiny_model.main(b3)
+        three = torch.load(tmp_path / "three.pt", weights_only=False)
+        assert any(not torch.equal(three["model"][k], a["model"][k]) for k in a["model"])
+        # the resumed build finishes and writes the model, recording that it was resumed
+        assert build_tiny_model.main(common + ["--state", str(split), "--resume"]) == 0
+        info = json.loads((tmp_path / "m" / "build_info.json").read_text())
+        assert info["resumed"] is True and info["steps"] == 8
+        with pytest.raises(SystemExit, match="lr"):
+            build_tiny_model.main(common + ["--state", str(one), "--resume", "--lr", "1e-3"])
+        (tmp_path / "bad.pt").write_bytes(b"not a state")
+        with pytest.raises(SystemExit, match="not a readable training state"):
+            build_tiny_model.main(common + ["--state", str(tmp_path / "bad.pt"), "--resume"])
+        with pytest.raises(SystemExit, match="no training state"):
+            build_tiny_model.main(common + ["--state", str(tmp_path / "missing.pt"), "--resume"])
+    finally:
+        torch.set_num_threads(threads)
