@@ -28,6 +28,13 @@ feature and Stage1 in one graph; rollout_workers/device_stage2.py: Stage2 right 
 host reads back a few numbers. `device_stage1=False` / `device_stage2=False`, or fixed decisions, keep the
 host act path (numpy) for that stage.
 
+The decode overlap (`overlap_decode`, on with the device Stage1 path): Stage1 needs only the question's ids
+and the image's size, which the header gives. So when a request decodes its image, the Stage1 window's host
+calls (ids into the pinned buffer, the weights' check, the draws, the graph's replay) run in a helper thread
+while this thread decodes: Pillow's decoders release the GIL, and the decision is ready when the decode ends.
+Its stage1_ms segment then holds only the read-back; the window's time is inside preprocess_ms. The
+controller-overhead A/B measures what it hides (docs/PERFORMANCE.md).
+
 Shared preprocessing (`reuse_preprocess=True`, what rollout workers use): a GRPO group runs G requests
 on the same image bytes and question, and their preprocessing (decoding, size probe; the crops of each
 tier) is the same work on the same input. It is done once; each later request on the same inputs reuses
@@ -39,6 +46,8 @@ every request's Stage1 window, on the device, or on the host and then kept too).
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -50,6 +59,7 @@ from shared.controller import (HeadDecision, Stage1Features, Stage2Features, Two
                                uniform_pair)
 from shared.knobs import ImportanceScores, KnobChoice, KnobSpace, select_blocks
 from rollout_workers.executors import EagerEngine
+from rollout_workers.molmoe.preprocessing import probe_image_size
 from rollout_workers.timers import SegmentTimer
 
 SEGMENT_ORDER = ("preprocess_ms", "stage1_ms", "vision_ms", "prefix_ms", "stage2_ms", "prefill_rest_ms",
@@ -117,7 +127,7 @@ class RequestEngine:
 
     def __init__(self, model, preprocessor, space: KnobSpace, importance: ImportanceScores, executor=None,
                  reuse_preprocess: bool = False, spin_wait: bool = True, device_stage2: Optional[bool] = None,
-                 device_stage1: Optional[bool] = None):
+                 device_stage1: Optional[bool] = None, overlap_decode: Optional[bool] = None):
         cfg = model.config
         if (space.num_layers, space.num_experts, space.native_top_k) != (cfg.n_layers, cfg.num_experts, cfg.top_k):
             raise ValueError(f"knob space is for {space.num_layers} blocks x {space.num_experts} experts (native top_k "
@@ -153,6 +163,13 @@ class RequestEngine:
             from rollout_workers.device_stage1 import DeviceStage1
             self.stage1_on_device = DeviceStage1(self.device, space, model.embed_tokens, cfg.d_model,
                                                  compile=bool(getattr(self.executor, "compile", False)))
+        # Stage1's host window in a helper thread under the image decode (module docstring); needs the device
+        # Stage1 path, whose only inputs are the question's ids and the image's size (read from the header)
+        self.overlap_decode = (self.stage1_on_device is not None) if overlap_decode is None else bool(overlap_decode)
+        if self.overlap_decode and self.stage1_on_device is None:
+            raise ValueError("overlap_decode needs the device Stage1 path (device_stage1=True)")
+        self._stage1_thread: Optional[ThreadPoolExecutor] = None
+        self.decode_overlapped = 0          # requests whose Stage1 window ran under their image decode
 
     # ------------------------------------------------------------------------------------------
     def question_ids(self, question: str) -> list[int]:
@@ -216,6 +233,39 @@ class RequestEngine:
         elapsed = timer.elapsed_ms(spin=self.spin_wait)
         return stage.float().numpy().copy(), elapsed
 
+    def _may_overlap(self, image_bytes, controller, fixed) -> bool:
+        """Whether this request's Stage1 window may run in the helper thread under its image decode: the
+        controller decides on the device and the image comes as bytes to decode (a question too long for
+        the device path still takes the sequential path)."""
+        return (self.overlap_decode and controller is not None and fixed is None
+                and isinstance(image_bytes, (bytes, bytearray, memoryview)))
+
+    def _probe_size(self, image_bytes: bytes) -> tuple[int, int]:
+        """(width, height) the decode will give, from the header alone; a SampleError for a bad image."""
+        try:
+            return probe_image_size(image_bytes, self.pre.limits, self.pre.apply_exif_orientation)
+        except (ValueError, TypeError) as exc:
+            raise SampleError(f"bad image: {exc}") from exc
+
+    def _overlapped_stage1(self, q_ids: list[int], tier_tokens: list[int], controller, budget_ms: float,
+                           greedy: bool, generator) -> Future:
+        """Queue the device Stage1 decision from the helper thread, on this thread's CUDA stream, while the
+        caller decodes the image: Pillow's decoders release the GIL, so the window's host calls (ids into the
+        pinned buffer, the weights' check, the draws, the graph's replay) run on another core. Returns the
+        future of the queueing (not of the decision: `DeviceStage1.result` reads that)."""
+        if self._stage1_thread is None:
+            self._stage1_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage1-window")
+        dev_s1, space = self.stage1_on_device, self.space
+        tier_mask, p_mask = space.tier_mask(tier_tokens), [True] * len(space.positions)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+        def window():
+            with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
+                dev_s1.prepare(controller, budget_ms)
+                dev_s1.queue(q_ids, tier_tokens, tier_mask, p_mask, None if greedy else uniform_pair(generator))
+
+        return self._stage1_thread.submit(window)
+
     def _decode_image(self, image_bytes: Optional[bytes]):
         if image_bytes is None:
             return None
@@ -252,7 +302,27 @@ class RequestEngine:
             memo = None
         q_ids: Optional[list[int]] = None
         lang_feat: Optional[np.ndarray] = None
-        if memo is None:
+        stage1_job = None                   # the Stage1 window, queued in the helper thread under the decode
+        if memo is None and self._may_overlap(image_bytes, controller, fixed):
+            q_ids = self.question_ids(question)
+        if q_ids is not None and memo is None and self.stage1_on_device.fits(len(q_ids)):
+            size = self._probe_size(image_bytes)
+            counts = self.pre.tier_token_counts(size[0], size[1], space.tier_max_crops)
+            tier_tokens = [int(c[1]) for c in counts]
+            stage1_job = self._overlapped_stage1(q_ids, tier_tokens, controller, budget_ms, greedy, generator)
+            try:
+                rgb = self._decode_image(image_bytes)
+            except BaseException:
+                # the decode's error is the one to report; the queued decision is still waited for, since the
+                # next request writes the buffer its graph reads
+                if stage1_job.exception() is None:
+                    self.stage1_on_device.result(spin=False)
+                raise
+            stage1_job.result()             # the window has been queued (its errors are raised here)
+            if (rgb.shape[1], rgb.shape[0]) != size:
+                raise RuntimeError(f"the image header gave {size[0]}x{size[1]}, the decode {rgb.shape[1]}x{rgb.shape[0]}")
+            self.decode_overlapped += 1
+        elif memo is None:
             rgb = self._decode_image(image_bytes)
             if rgb is not None:
                 h_px, w_px = rgb.shape[:2]
@@ -284,6 +354,9 @@ class RequestEngine:
             if not f1.tier_mask[ti]:        # a collapsed tier runs as the cheapest equal tier
                 ti = tier_tokens.index(tier_tokens[ti])
             d_tier, d_p = HeadDecision(ti, 0.0), HeadDecision(pi, 0.0)
+        elif stage1_job is not None:        # queued under the decode: only the read-back is left
+            t_idx, lp_t, p_idx, lp_p = dev_s1.result(spin=self.spin_wait)
+            d_tier, d_p = HeadDecision(t_idx, lp_t), HeadDecision(p_idx, lp_p)
         elif dev_s1 is not None:            # decided in the stream; the host reads the decision back
             dev_s1.prepare(controller, budget_ms)
             dev_s1.queue(q_ids, tier_tokens, f1.tier_mask, f1.p_mask, None if greedy else uniform_pair(generator))

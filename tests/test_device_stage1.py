@@ -177,6 +177,36 @@ def test_request_path_decides_stage1_on_the_device_on_cpu(tmp_path):
     assert plain.answer_ids == g.answer_ids
 
 
+def test_stage1_window_under_the_image_decode(tmp_path):
+    """overlap_decode (on with the device Stage1 path): the window queued from the helper thread while the image
+    decodes gives the sequential path's decisions, log-probs and answers; a corrupt image is a SampleError naming
+    it (from the header, before any window), a truncated one too (during the decode, the queued decision waited
+    for), and the engine serves on; the overlap needs the device path."""
+    from shared.backend import SampleError
+    from tests.test_fast_engine import QUESTION, _png
+
+    dev, host, ctl = _tiny_engines(tmp_path, "cpu")
+    assert dev.overlap_decode
+    image = _png(200, 100, seed=2)
+    assert len(_compare_paths(dev, host, ctl, image, QUESTION, range(8))) > 1
+    assert dev.decode_overlapped == 8 and dev.stage1_on_device.decided == 8
+    dev.overlap_decode = False
+    _compare_paths(dev, host, ctl, image, QUESTION, range(2))
+    assert dev.decode_overlapped == 8 and dev.stage1_on_device.decided == 10
+    dev.overlap_decode = True
+    with pytest.raises(SampleError, match="bad image"):
+        dev.serve(b"\x89PNG\r\n\x1a\n" + b"\0" * 40, QUESTION, 40.0, ctl, max_new_tokens=2)
+    assert dev.stage1_on_device.decided == 10                   # refused at the header
+    with pytest.raises(SampleError, match="bad image"):
+        dev.serve(image[: len(image) * 2 // 3], QUESTION, 40.0, ctl, max_new_tokens=2)
+    assert dev.stage1_on_device.decided == 11                   # the window had run; its decision was read
+    _compare_paths(dev, host, ctl, image, QUESTION, range(2))
+    assert dev.decode_overlapped == 10
+    from rollout_workers.request_path import RequestEngine
+    with pytest.raises(ValueError, match="overlap_decode needs the device Stage1"):
+        RequestEngine(host.model, host.pre, host.space, host.importance, device_stage1=False, overlap_decode=True)
+
+
 gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -205,3 +235,4 @@ def test_request_path_on_cuda_equals_the_host_path(tmp_path):
     image = _png(200, 100, seed=2)
     assert len(_compare_paths(dev, host, ctl, image, QUESTION, range(8))) > 1
     assert dev.stage1_on_device.decided == 8 and dev.stage1_on_device.captured == 1
+    assert dev.decode_overlapped == 8           # each window ran in the helper thread, on this thread's stream
