@@ -53,13 +53,14 @@ from typing import Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from shared.backend import SampleError
 from shared.controller import (HeadDecision, Stage1Features, Stage2Features, TwoStageController, check_budget_ms,
                                uniform_pair)
 from shared.knobs import ImportanceScores, KnobChoice, KnobSpace, select_blocks
 from rollout_workers.executors import EagerEngine
-from rollout_workers.molmoe.preprocessing import probe_image_size
+from rollout_workers.molmoe.preprocessing import decode_image, open_image, probe_image_size
 from rollout_workers.timers import SegmentTimer
 
 SEGMENT_ORDER = ("preprocess_ms", "stage1_ms", "vision_ms", "prefix_ms", "stage2_ms", "prefill_rest_ms",
@@ -240,10 +241,14 @@ class RequestEngine:
         return (self.overlap_decode and controller is not None and fixed is None
                 and isinstance(image_bytes, (bytes, bytearray, memoryview)))
 
-    def _probe_size(self, image_bytes: bytes) -> tuple[int, int]:
-        """(width, height) the decode will give, from the header alone; a SampleError for a bad image."""
+    def _probe_size(self, image_bytes: bytes):
+        """The opened header (a PIL image, pixels not decoded) and the (width, height) the decode will give;
+        a SampleError for a bad image."""
         try:
-            return probe_image_size(image_bytes, self.pre.limits, self.pre.apply_exif_orientation)
+            header = open_image(image_bytes, self.pre.limits)
+            # never a full decode here: that is what the window overlaps (a PNG's late eXIf chunk: see serve)
+            return header, probe_image_size(header, self.pre.limits, self.pre.apply_exif_orientation,
+                                            exif_before_pixels_only=True)
         except (ValueError, TypeError) as exc:
             raise SampleError(f"bad image: {exc}") from exc
 
@@ -262,14 +267,19 @@ class RequestEngine:
         def window():
             with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
                 dev_s1.prepare(controller, budget_ms)
-                dev_s1.queue(q_ids, tier_tokens, tier_mask, p_mask, None if greedy else uniform_pair(generator))
+                uniforms = None if greedy else uniform_pair(generator)
+                dev_s1.queue(q_ids, tier_tokens, tier_mask, p_mask, uniforms)
+                return uniforms
 
         return self._stage1_thread.submit(window)
 
-    def _decode_image(self, image_bytes: Optional[bytes]):
+    def _decode_image(self, image_bytes):
+        """RGB uint8 [H, W, 3] from image bytes (or a header from `_probe_size`); a SampleError if bad."""
         if image_bytes is None:
             return None
         try:
+            if isinstance(image_bytes, Image.Image):
+                return decode_image(image_bytes, self.pre.limits, self.pre.apply_exif_orientation)
             return self.pre.load_image(image_bytes)
         except (ValueError, TypeError) as exc:   # ImageDecodeError, not bytes: bad input, skipped and counted
             raise SampleError(f"bad image: {exc}") from exc
@@ -303,15 +313,16 @@ class RequestEngine:
         q_ids: Optional[list[int]] = None
         lang_feat: Optional[np.ndarray] = None
         stage1_job = None                   # the Stage1 window, queued in the helper thread under the decode
+        s1_uniforms = None                  # Stage1's two draws (kept if it must decide again)
         if memo is None and self._may_overlap(image_bytes, controller, fixed):
             q_ids = self.question_ids(question)
         if q_ids is not None and memo is None and self.stage1_on_device.fits(len(q_ids)):
-            size = self._probe_size(image_bytes)
+            header, size = self._probe_size(image_bytes)
             counts = self.pre.tier_token_counts(size[0], size[1], space.tier_max_crops)
             tier_tokens = [int(c[1]) for c in counts]
             stage1_job = self._overlapped_stage1(q_ids, tier_tokens, controller, budget_ms, greedy, generator)
             try:
-                rgb = self._decode_image(image_bytes)
+                rgb = self._decode_image(header)
             except BaseException:
                 # the decode's error is the one to report; the queued decision is still waited for, since the
                 # next request writes the buffer its graph reads
@@ -319,9 +330,18 @@ class RequestEngine:
                     self.stage1_on_device.result(spin=False)
                 raise
             stage1_job.result()             # the window has been queued (its errors are raised here)
-            if (rgb.shape[1], rgb.shape[0]) != size:
-                raise RuntimeError(f"the image header gave {size[0]}x{size[1]}, the decode {rgb.shape[1]}x{rgb.shape[0]}")
             self.decode_overlapped += 1
+            if (rgb.shape[1], rgb.shape[0]) != size:
+                # an EXIF rotation the header did not show (a PNG's eXIf chunk after its pixels): the queued
+                # decision saw the wrong tier token counts; it is waited for and dropped, and Stage1 runs again
+                # after the decode, as without the overlap
+                self.stage1_on_device.result(spin=False)
+                self.decode_overlapped -= 1
+                s1_uniforms = stage1_job.result()        # the same draws decide again
+                stage1_job = None
+                h_px, w_px = rgb.shape[:2]
+                counts = self.pre.tier_token_counts(w_px, h_px, space.tier_max_crops)
+                tier_tokens = [int(c[1]) for c in counts]
         elif memo is None:
             rgb = self._decode_image(image_bytes)
             if rgb is not None:
@@ -359,7 +379,9 @@ class RequestEngine:
             d_tier, d_p = HeadDecision(t_idx, lp_t), HeadDecision(p_idx, lp_p)
         elif dev_s1 is not None:            # decided in the stream; the host reads the decision back
             dev_s1.prepare(controller, budget_ms)
-            dev_s1.queue(q_ids, tier_tokens, f1.tier_mask, f1.p_mask, None if greedy else uniform_pair(generator))
+            if not greedy and s1_uniforms is None:
+                s1_uniforms = uniform_pair(generator)
+            dev_s1.queue(q_ids, tier_tokens, f1.tier_mask, f1.p_mask, None if greedy else s1_uniforms)
             t_idx, lp_t, p_idx, lp_p = dev_s1.result(spin=self.spin_wait)
             d_tier, d_p = HeadDecision(t_idx, lp_t), HeadDecision(p_idx, lp_p)
         else:

@@ -177,6 +177,21 @@ def test_request_path_decides_stage1_on_the_device_on_cpu(tmp_path):
     assert plain.answer_ids == g.answer_ids
 
 
+def _png_with_late_exif_rotation(png: bytes) -> bytes:
+    """The PNG with an eXIf chunk (orientation 6) inserted just before IEND, after the pixel data."""
+    import struct
+    import zlib
+
+    from PIL import Image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tiff = exif.tobytes()
+    tiff = tiff[6:] if tiff.startswith(b"Exif\x00\x00") else tiff
+    chunk = struct.pack(">I", len(tiff)) + b"eXIf" + tiff + struct.pack(">I", zlib.crc32(b"eXIf" + tiff))
+    end = png.rindex(b"IEND") - 4
+    return png[:end] + chunk + png[end:]
+
+
 def test_stage1_window_under_the_image_decode(tmp_path):
     """overlap_decode (on with the device Stage1 path): the window queued from the helper thread while the image
     decodes gives the sequential path's decisions, log-probs and answers; a corrupt image is a SampleError naming
@@ -202,6 +217,18 @@ def test_stage1_window_under_the_image_decode(tmp_path):
     assert dev.stage1_on_device.decided == 11                   # the window had run; its decision was read
     _compare_paths(dev, host, ctl, image, QUESTION, range(2))
     assert dev.decode_overlapped == 10
+    # a PNG whose EXIF rotation (orientation 6: width and height swap) sits after its pixels: the header shows
+    # no rotation, so the queued decision saw the wrong tier counts; it is dropped and Stage1 runs again after
+    # the decode, with the sequential path's result
+    late = _png_with_late_exif_rotation(image)
+    from rollout_workers.molmoe.preprocessing import decode_image, probe_image_size
+    assert probe_image_size(late) == (100, 200) and decode_image(late).shape[:2] == (200, 100)
+    assert probe_image_size(late, exif_before_pixels_only=True) == (200, 100)
+    before = dev.stage1_on_device.decided
+    r = dev.serve(late, QUESTION, 40.0, ctl, generator=torch.Generator().manual_seed(5), max_new_tokens=2)
+    h = host.serve(late, QUESTION, 40.0, ctl, generator=torch.Generator().manual_seed(5), max_new_tokens=2)
+    assert r.stage1.tier_tokens == h.stage1.tier_tokens and r.knobs == h.knobs and r.answer_ids == h.answer_ids
+    assert dev.stage1_on_device.decided == before + 2 and dev.decode_overlapped == 10
     from rollout_workers.request_path import RequestEngine
     with pytest.raises(ValueError, match="overlap_decode needs the device Stage1"):
         RequestEngine(host.model, host.pre, host.space, host.importance, device_stage1=False, overlap_decode=True)

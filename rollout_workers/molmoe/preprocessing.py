@@ -161,28 +161,44 @@ def _exif_orientation(img: Image.Image) -> int:
         return 1
 
 
+def open_image(data: bytes, limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> Image.Image:
+    """The image's header, read and checked (no pixels decoded): what :func:`probe_image_size` and
+    :func:`decode_image` take instead of the bytes, so that a caller doing both parses it once.
+    Raises like :func:`decode_image`."""
+    return _open_header(data, limits)
+
+
 def probe_image_size(
-    data: bytes, limits: DecodeLimits = DEFAULT_DECODE_LIMITS, apply_exif_orientation: bool = True
+    data: bytes | Image.Image, limits: DecodeLimits = DEFAULT_DECODE_LIMITS, apply_exif_orientation: bool = True,
+    exif_before_pixels_only: bool = False,
 ) -> tuple[int, int]:
-    """(width, height) that :func:`decode_image` will return, read from the header only (no pixels
-    are decoded). Use it for :func:`tier_token_counts` before preprocessing."""
-    img = _open_header(data, limits)
+    """(width, height) that :func:`decode_image` will return, read from the header. Use it for
+    :func:`tier_token_counts` before preprocessing.
+
+    A PNG may carry its EXIF orientation in an eXIf chunk after the pixel data, and Pillow decodes the
+    whole image to read it. ``exif_before_pixels_only=True`` never decodes: such a late chunk is not seen,
+    and the size may then differ from the decoded one by a swap of width and height (callers that need the
+    exact size check it after decoding). ``data`` may be an image from :func:`open_image`."""
+    img = data if isinstance(data, Image.Image) else _open_header(data, limits)
     width, height = img.size
+    if exif_before_pixels_only and img.format == "PNG" and "exif" not in img.info:
+        apply_exif_orientation = False
     if apply_exif_orientation and _exif_orientation(img) in _SWAPPING_ORIENTATIONS:
         width, height = height, width
     return bounded_size(width, height, limits)
 
 
 def decode_image(
-    data: bytes, limits: DecodeLimits = DEFAULT_DECODE_LIMITS, apply_exif_orientation: bool = True
+    data: bytes | Image.Image, limits: DecodeLimits = DEFAULT_DECODE_LIMITS, apply_exif_orientation: bool = True
 ) -> np.ndarray:
-    """Decode image bytes to RGB uint8 [H, W, 3], with bounded memory.
+    """Decode image bytes (or an image just opened by :func:`open_image`, not yet loaded) to RGB uint8
+    [H, W, 3], with bounded memory.
 
     Handles grayscale, palette, RGBA/LA (composited on white), CMYK, 16-bit and float images.
     Raises :class:`ImageDecodeError` (a ValueError) for empty, corrupt, truncated or unsupported data
     and :class:`ImageTooLargeError` for images over ``limits``.
     """
-    img = _open_header(data, limits)
+    img = data if isinstance(data, Image.Image) else _open_header(data, limits)
     width, height = img.size
     target_w, target_h = bounded_size(width, height, limits)
     if (target_w, target_h) != (width, height) and img.format == "JPEG":
