@@ -330,13 +330,13 @@ class RequestEngine:
                     self.stage1_on_device.result(spin=False)
                 raise
             stage1_job.result()             # the window has been queued (its errors are raised here)
-            self.decode_overlapped += 1
-            if (rgb.shape[1], rgb.shape[0]) != size:
+            if (rgb.shape[1], rgb.shape[0]) == size:
+                self.decode_overlapped += 1
+            else:
                 # an EXIF rotation the header did not show (a PNG's eXIf chunk after its pixels): the queued
                 # decision saw the wrong tier token counts; it is waited for and dropped, and Stage1 runs again
                 # after the decode, as without the overlap
                 self.stage1_on_device.result(spin=False)
-                self.decode_overlapped -= 1
                 s1_uniforms = stage1_job.result()        # the same draws decide again
                 stage1_job = None
                 h_px, w_px = rgb.shape[:2]
