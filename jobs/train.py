@@ -260,7 +260,7 @@ def init_ray(cfg, address: Optional[str]):
     else:
         # address="local": never attach to some other cluster found on this machine (ray.init() alone
         # would join the last `ray start` cluster); every address on loopback.
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True,
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=cfg.system.dashboard,
                  dashboard_host=cfg.system.dashboard_host, log_to_driver=True,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                            if k in ("PYTHONPATH", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}})

@@ -191,3 +191,21 @@ def test_every_field_is_documented():
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert dataclasses.is_dataclass(cfg)
+
+
+def test_init_ray_starts_the_dashboard_unless_switched_off(monkeypatch):
+    """jobs/train.init_ray on a new local Ray: the dashboard (bound to system.dashboard_host) by default, none
+    with system.dashboard=false; ray.init is recorded, not run."""
+    import ray
+    from jobs import train
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    train.init_ray(load_config(None), None)
+    train.init_ray(load_config(None, ["system.dashboard=false"]), None)
+    assert [c["include_dashboard"] for c in calls] == [True, False]
+    assert all(c["address"] == "local" and c["dashboard_host"] == "127.0.0.1" for c in calls)
+    with pytest.raises(ValueError, match="system.dashboard"):
+        load_config(None, ["system.dashboard=maybe"])
