@@ -370,7 +370,7 @@ def load_train_state(path: Path, args, device) -> dict:
     if not path.is_file():
         raise SystemExit(f"--resume: no training state at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)   # RNG states must stay on the CPU
+        state = torch.load(path, map_location="cpu", weights_only=True)   # RNG states must stay on the CPU
     except Exception as e:                                  # truncated or not a torch file
         raise SystemExit(f"--resume: {path} is not a readable training state ({type(e).__name__}: {e})")
     if not isinstance(state, dict) or "args" not in state or "step" not in state:

@@ -219,9 +219,9 @@ def test_paused_and_resumed_build_equals_one_run(tmp_path):
     try:
         assert build_tiny_model.main(common + ["--state", str(one), "--pause-step", "6"]) == 0
         assert build_tiny_model.main(common + ["--state", str(split), "--pause-step", "3"]) == 0
-        assert torch.load(split, weights_only=False)["step"] == 3
+        assert torch.load(split, weights_only=True)["step"] == 3
         assert build_tiny_model.main(common + ["--state", str(split), "--resume", "--pause-step", "6"]) == 0
-        a, b = torch.load(one, weights_only=False), torch.load(split, weights_only=False)
+        a, b = torch.load(one, weights_only=True), torch.load(split, weights_only=True)
         assert a["step"] == b["step"] == 6
         assert a["model"].keys() == b["model"].keys()
         for k in a["model"]:
@@ -232,7 +232,7 @@ def test_paused_and_resumed_build_equals_one_run(tmp_path):
         # the state moved: step 6's weights differ from step 3's
         b3 = common + ["--state", str(tmp_path / "three.pt"), "--pause-step", "3"]
         build_tiny_model.main(b3)
-        three = torch.load(tmp_path / "three.pt", weights_only=False)
+        three = torch.load(tmp_path / "three.pt", weights_only=True)
         assert any(not torch.equal(three["model"][k], a["model"][k]) for k in a["model"])
         # the resumed build finishes and writes the model, recording that it was resumed
         assert build_tiny_model.main(common + ["--state", str(split), "--resume"]) == 0
