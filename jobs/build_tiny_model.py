@@ -346,8 +346,10 @@ def init_weights(model: MolmoeModel, seed: int) -> None:
 
 
 # arguments that may differ between the calls of one build split by --state / --resume
-_RUN_ONLY_ARGS = {"state", "resume", "pause_step", "minutes", "out", "workers", "threads", "stop_step",
-                  "final_eval", "eval_every"}
+# (the rendering workers only prefetch: batches arrive in step order whatever their number; the CPU thread
+# count stays fixed, since it changes float reductions on the CPU)
+_RUN_ONLY_ARGS = {"state", "resume", "pause_step", "minutes", "out", "workers", "stop_step", "final_eval",
+                  "eval_every"}
 
 
 def save_train_state(path: Path, args, next_step: int, model, opt, rng, lead_end: int, history, ema,
@@ -365,7 +367,7 @@ def save_train_state(path: Path, args, next_step: int, model, opt, rng, lead_end
     os.replace(tmp, path)
 
 
-def load_train_state(path: Path, args, device) -> dict:
+def load_train_state(path: Path, args) -> dict:
     """The state saved by save_train_state; refuses one saved with other training arguments."""
     if not path.is_file():
         raise SystemExit(f"--resume: no training state at {path}")
@@ -543,7 +545,7 @@ def main(argv=None) -> int:
     stopped_early = False
     train_s_before = 0.0                         # training seconds of the earlier calls of a resumed build
     if args.resume:
-        state = load_train_state(Path(args.state), args, device)
+        state = load_train_state(Path(args.state), args)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         rng.setstate(state["rng"])
