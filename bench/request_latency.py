@@ -16,9 +16,11 @@ import argparse
 import gc
 import io
 import json
+import resource
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -103,6 +105,35 @@ def main() -> int:
         return engine.serve(image, QUESTION, 1000.0, controller, fixed=fixed, max_new_tokens=args.tokens,
                             stop_at_eos=False, greedy=True)
 
+    def device_allocs() -> int:
+        return int(torch.cuda.memory_stats().get("num_device_alloc", 0)) if cuda else 0
+
+    def diagnosed(fixed, controller):
+        """One request with what explains its spread: the request thread's CPU time (a slower host shows here),
+        its involuntary context switches (preemption), and the caching allocator's device allocations."""
+        ru0, cpu0, al0 = resource.getrusage(resource.RUSAGE_THREAD), time.thread_time(), device_allocs()
+        r = run(fixed, controller)
+        ru1 = resource.getrusage(resource.RUSAGE_THREAD)
+        return r, {"t_start": r.t_start, "latency_ms": r.latency_ms, "host_latency_ms": r.host_latency_ms,
+                   "thread_cpu_ms": (time.thread_time() - cpu0) * 1e3,
+                   "involuntary_switches": ru1.ru_nivcsw - ru0.ru_nivcsw,
+                   "voluntary_switches": ru1.ru_nvcsw - ru0.ru_nvcsw, "minor_faults": ru1.ru_minflt - ru0.ru_minflt,
+                   "device_allocs": device_allocs() - al0,
+                   **{s: r.segments_ms[s] for s in SEGMENT_ORDER}}
+
+    def syncs_per_request(fixed, controller) -> int:
+        """Host synchronisations in one request (torch's sync debug mode warns once per synchronising call)."""
+        if not cuda:
+            return 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run(fixed, controller)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
     rows = []
     for t_name, crops in zip(space.tier_names, tiers):
         for k in topks:
@@ -110,7 +141,8 @@ def main() -> int:
                 fixed = KnobChoice(t_name, crops, 1, k, nb)
                 for _ in range(args.warmup):
                     run(fixed, ctl)
-                res = [run(fixed, ctl) for _ in range(args.repeats)]
+                syncs = syncs_per_request(fixed, ctl)
+                res, per_repeat = zip(*(diagnosed(fixed, ctl) for _ in range(args.repeats)))
                 lat = [r.latency_ms for r in res]
                 seg = {s: statistics.median(r.segments_ms[s] for r in res) for s in SEGMENT_ORDER}
                 row = {"tier": t_name, "max_crops": crops, "top_k": k, "num_blocks": nb, "p": 1,
@@ -119,12 +151,16 @@ def main() -> int:
                        "latency_ms_median": statistics.median(lat),
                        "latency_cv": statistics.pstdev(lat) / statistics.mean(lat),
                        "decode_ms_per_token": seg["decode_ms"] / max(1, len(res[0].answer_ids) - 1),
-                       **{f"{s}_median": v for s, v in seg.items()}}
+                       **{f"{s}_median": v for s, v in seg.items()},
+                       "syncs_per_request": syncs, "per_repeat": list(per_repeat)}
                 rows.append(row)
                 gc.collect()
                 print(f"{t_name:6s} crops {row['num_crops']:2d} tok {row['prompt_tokens']:5d} k {k} nb {nb:2d} | "
                       f"total {row['latency_ms_median']:8.2f} ms cv {row['latency_cv'] * 100:4.1f}% | " +
-                      " ".join(f"{s[:-3]} {seg[s]:.2f}" for s in SEGMENT_ORDER), flush=True)
+                      " ".join(f"{s[:-3]} {seg[s]:.2f}" for s in SEGMENT_ORDER) +
+                      f" | syncs {syncs} | slowest: {max(lat):.1f} ms, cpu "
+                      f"{max(per_repeat, key=lambda d: d['latency_ms'])['thread_cpu_ms']:.1f} ms vs median cpu "
+                      f"{statistics.median(d['thread_cpu_ms'] for d in per_repeat):.1f}", flush=True)
     # Controller overhead A/B: controlled path vs plain path with the knobs the controller chose.
     diffs, ctl_lat, plain_lat = [], [], []
     gen = torch.Generator().manual_seed(0)

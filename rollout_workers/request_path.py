@@ -100,6 +100,8 @@ class RequestResult:
     host_latency_ms: float
     t_start: float
     t_end: float
+    # preprocess_ms in its two parts: (decode and size probe; crops at the chosen tier), charged reuse included
+    preprocess_parts_ms: tuple[float, float] = (0.0, 0.0)
     step_logits: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -314,6 +316,7 @@ class RequestEngine:
         lang_feat: Optional[np.ndarray] = None
         stage1_job = None                   # the Stage1 window, queued in the helper thread under the decode
         s1_uniforms = None                  # Stage1's two draws (kept if it must decide again)
+        charged_parts_ms = [0.0, 0.0]       # preprocessing reused from the memo, (part 1, part 2)
         if memo is None and self._may_overlap(image_bytes, controller, fixed):
             q_ids = self.question_ids(question)
         if q_ids is not None and memo is None and self.stage1_on_device.fits(len(q_ids)):
@@ -354,6 +357,7 @@ class RequestEngine:
             rgb, tier_tokens = memo.rgb, list(memo.tier_tokens)
             q_ids, lang_feat = memo.question_ids, memo.lang_feat
             timer.charge("preprocess_ms", memo.part1_ms)
+            charged_parts_ms[0] = memo.part1_ms
             self.preprocess_reused += 1
         f1 = Stage1Features(lang_feat=lang_feat, budget_ms=budget_ms, tier_tokens=tier_tokens,
                             tier_mask=space.tier_mask(tier_tokens), p_mask=[True] * len(space.positions))
@@ -398,6 +402,7 @@ class RequestEngine:
         else:
             inputs = crops_hit[0]
             timer.charge("preprocess_ms", crops_hit[1])
+            charged_parts_ms[1] = crops_hit[1]
         if inputs.num_tokens > model.config.max_sequence_length:
             raise SampleError(f"prompt of {inputs.num_tokens} tokens exceeds the model's context of "
                               f"{model.config.max_sequence_length}")
@@ -496,8 +501,8 @@ class RequestEngine:
             f1.lang_feat = dev_s1.lang_feat()
         elif f1.lang_feat is None:          # the plain path: for the record, outside the request's latency
             f1.lang_feat = self.language_feature(question, q_ids)
+        pre_ms = [ms for name, ms in timer.deltas if name == "preprocess_ms"]        # [part 1, part 2]
         if self.reuse_preprocess:
-            pre_ms = [ms for name, ms in timer.deltas if name == "preprocess_ms"]    # [part 1, part 2]
             if memo is None:
                 memo = _PreprocessMemo(image_bytes, question, rgb, list(tier_tokens), pre_ms[0])
             memo.question_ids = q_ids if q_ids is not None else memo.question_ids
@@ -513,5 +518,6 @@ class RequestEngine:
                              p=d_p, top_k=d_k, num_blocks=d_nb, stage1=f1, stage2=f2, num_crops=inputs.num_crops,
                              vision_tokens=inputs.num_image_tokens, prompt_tokens=T, segments_ms=segments,
                              latency_ms=timer.total_ms(), host_latency_ms=(time.perf_counter() - host0) * 1e3,
-                             t_start=t_start, t_end=time.time(), step_logits=step_logits)
+                             t_start=t_start, t_end=time.time(), preprocess_parts_ms=(pre_ms[0] + charged_parts_ms[0], pre_ms[1] + charged_parts_ms[1]),
+                             step_logits=step_logits)
 

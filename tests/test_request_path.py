@@ -233,8 +233,12 @@ def test_group_preprocess_reuse_same_answers_and_charged_latency(tiny):
     memo = shared._memo
     high = memo.crops[engine.space.tier_max_crops[2]][1]
     assert first.segments_ms["preprocess_ms"] == pytest.approx(memo.part1_ms + high, rel=1e-9)
+    assert first.preprocess_parts_ms == pytest.approx((memo.part1_ms, high), rel=1e-9)
     again = shared.serve(image, QUESTION, 250.0, None, fixed=fixed[0], max_new_tokens=3)
     assert again.segments_ms["preprocess_ms"] >= memo.part1_ms + high
+    # the parts carry the charged times, and add up to the segment
+    assert again.preprocess_parts_ms[0] >= memo.part1_ms and again.preprocess_parts_ms[1] >= high
+    assert sum(again.preprocess_parts_ms) == pytest.approx(again.segments_ms["preprocess_ms"], rel=1e-9)
     # an equal copy of the bytes, another question, or the controlled path with a new image: no reuse
     n = shared.preprocess_reused
     shared.serve(bytes(bytearray(image)), QUESTION, 250.0, None, fixed=fixed[0], max_new_tokens=2)
