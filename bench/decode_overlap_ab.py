@@ -9,12 +9,13 @@ preprocessing to ~0.03 ms, but its preprocess difference (where the overlapped w
 as `RequestEngine.serve` runs it:
 
 - plain (no controller): decode the image bytes, count the tiers' tokens;
-- controlled: the question's ids, the header's size, the tiers' tokens, the Stage1 window submitted to the
-  helper thread, the decode of the opened header, the window's queueing awaited, the size compared.
+- controlled: the Stage1 window submitted to the helper thread (there: the question's ids, the header's size,
+  the tiers' token counts, the device decision queued and waited for), the same decode, the window's result awaited, the
+  sizes compared.
 
 The two arms alternate in a random order per pair, each after a ~10 ms GPU wait polled by the host (the previous
-request's end, as in a request); the queued decision is read back after the timed step (that read-back is the
-stage1 segment, in the A/B's figure without preprocessing). For each arm: the request thread's wall time and its
+request's end, as in a request); the helper waits for its decision, so the controlled arm ends with it in hand
+(as serve() does, whose stage1 segment then holds no controller work). For each arm: the request thread's wall time and its
 CPU time. Their difference (wall - CPU) is the time the thread did not run: waiting for the GIL the helper held,
 or descheduled. It is far less noisy than the wall time, whose noise is the host's speed, so the paired
 difference of (wall - CPU) resolves the GIL's cost to a few microseconds; the paired difference of the CPU time
@@ -79,18 +80,14 @@ def part1_plain(engine: RequestEngine, image: bytes) -> None:
 
 
 def part1_controlled(engine: RequestEngine, image: bytes, ctl: TwoStageController, gen: torch.Generator) -> None:
-    """What serve() runs before its first preprocess mark with a controller and the decode overlap."""
-    space = engine.space
-    q_ids = engine.question_ids(QUESTION)
-    if not engine.stage1_on_device.fits(len(q_ids)):
-        raise RuntimeError("the question does not fit the device Stage1 path")
-    header, size = engine._probe_size(image)
-    tier_tokens = [int(c[1]) for c in engine.pre.tier_token_counts(size[0], size[1], space.tier_max_crops)]
-    job = engine._overlapped_stage1(q_ids, tier_tokens, ctl, BUDGET_MS, False, gen)
-    rgb = engine._decode_image(header)
-    job.result()
-    if (rgb.shape[1], rgb.shape[0]) != size:
-        raise RuntimeError("the header's size differs from the decode's: this image takes the re-decide branch")
+    """What serve() runs before its first preprocess mark with a controller and the decode overlap: the window
+    (ids, header size, tier counts, the device decision) submitted to the helper, the plain path's decode, the
+    window's result, the sizes compared."""
+    job = engine._overlapped_stage1(image, QUESTION, ctl, BUDGET_MS, False, gen)
+    rgb = engine._decode_image(image)
+    window = job.result()
+    if window.decision is None or (rgb.shape[1], rgb.shape[0]) != window.size:
+        raise RuntimeError("the window did not decide, or the header's size differs from the decode's")
 
 
 def gpu_wait(device: torch.device, ms: float, event) -> None:
@@ -137,8 +134,6 @@ def main() -> int:
             w0, c0 = time.perf_counter(), time.thread_time()
             arms[name]()
             w1, c1 = time.perf_counter(), time.thread_time()
-            if name == "controlled":
-                engine.stage1_on_device.result(spin=engine.spin_wait)     # the stage1 segment's read-back
             if i >= 10:
                 data[name]["wall_ms"].append((w1 - w0) * 1e3)
                 data[name]["cpu_ms"].append((c1 - c0) * 1e3)

@@ -29,11 +29,13 @@ host reads back a few numbers. `device_stage1=False` / `device_stage2=False`, or
 host act path (numpy) for that stage.
 
 The decode overlap (`overlap_decode`, on with the device Stage1 path): Stage1 needs only the question's ids
-and the image's size, which the header gives. So when a request decodes its image, the Stage1 window's host
-calls (ids into the pinned buffer, the weights' check, the draws, the graph's replay) run in a helper thread
-while this thread decodes: Pillow's decoders release the GIL, and the decision is ready when the decode ends.
-Its stage1_ms segment then holds only the read-back; the window's time is inside preprocess_ms. The
-controller-overhead A/B measures what it hides (docs/PERFORMANCE.md).
+and the image's size, which the header gives. So when a request decodes its image, the whole Stage1 window
+(tokenising the question, reading the size from the header, the tiers' token counts, then the device decision:
+ids into the pinned buffer, the weights' check, the draws, the graph's replay) runs in a helper thread while
+this thread decodes, exactly as the plain path does: Pillow's decoders release the GIL. The helper also waits for
+the decision (blocking in the driver, GIL released), so it is in hand when the decode ends, and the stage1_ms
+segment holds no controller work; the window's time is inside preprocess_ms. The controller-overhead A/B and `bench/decode_overlap_ab.py` measure what it hides
+(docs/PERFORMANCE.md).
 
 Shared preprocessing (`reuse_preprocess=True`, what rollout workers use): a GRPO group runs G requests
 on the same image bytes and question, and their preprocessing (decoding, size probe; the crops of each
@@ -78,6 +80,18 @@ class _PreprocessMemo:
     question_ids: Optional[list[int]] = None
     lang_feat: Optional[np.ndarray] = None
     crops: dict = field(default_factory=dict)      # max_crops -> (preprocessed inputs, ms)
+
+
+@dataclass
+class _Stage1Window:
+    """What the Stage1 window in the helper thread found: the question's ids, the image's size from its header
+    (width, height), the tiers' token counts for it, Stage1's two draws (None: greedy), and the device decision
+    (tier index, its log-prob, p index, its log-prob; None if the question did not fit the device path)."""
+    q_ids: list[int]
+    size: tuple[int, int]
+    tier_tokens: list[int]
+    uniforms: Optional[tuple[float, float]]
+    decision: Optional[tuple[int, float, int, float]]
 
 
 @dataclass
@@ -254,24 +268,35 @@ class RequestEngine:
         except (ValueError, TypeError) as exc:
             raise SampleError(f"bad image: {exc}") from exc
 
-    def _overlapped_stage1(self, q_ids: list[int], tier_tokens: list[int], controller, budget_ms: float,
-                           greedy: bool, generator) -> Future:
-        """Queue the device Stage1 decision from the helper thread, on this thread's CUDA stream, while the
-        caller decodes the image: Pillow's decoders release the GIL, so the window's host calls (ids into the
-        pinned buffer, the weights' check, the draws, the graph's replay) run on another core. Returns the
-        future of the queueing (not of the decision: `DeviceStage1.result` reads that)."""
+    def _overlapped_stage1(self, image_bytes: bytes, question: str, controller, budget_ms: float, greedy: bool,
+                           generator) -> Future:
+        """Start the Stage1 window in the helper thread, to run while the caller decodes the image: the question's
+        ids, the image's size from its header and the tiers' token counts, then the device decision queued on
+        this thread's CUDA stream and waited for there, in the driver (the GIL released; Pillow's decoders release
+        it too, so the window runs on another core and this thread's own work is what the plain path does).
+        Returns the future of an `_Stage1Window`; its errors are a bad header or a question that tokenises to
+        nothing, and then no decision was queued."""
         if self._stage1_thread is None:
             self._stage1_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage1-window")
         dev_s1, space = self.stage1_on_device, self.space
-        tier_mask, p_mask = space.tier_mask(tier_tokens), [True] * len(space.positions)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
-        def window():
+        def window() -> _Stage1Window:
+            q_ids = self.question_ids(question)
+            _, size = self._probe_size(image_bytes)
+            counts = self.pre.tier_token_counts(size[0], size[1], space.tier_max_crops)
+            tier_tokens = [int(c[1]) for c in counts]
+            if not dev_s1.fits(len(q_ids)):      # a question too long for the device path: Stage1 after the decode
+                return _Stage1Window(q_ids, size, tier_tokens, None, None)
             with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
                 dev_s1.prepare(controller, budget_ms)
                 uniforms = None if greedy else uniform_pair(generator)
-                dev_s1.queue(q_ids, tier_tokens, tier_mask, p_mask, uniforms)
-                return uniforms
+                dev_s1.queue(q_ids, tier_tokens, space.tier_mask(tier_tokens), [True] * len(space.positions),
+                             uniforms)
+                # waited for here (also when the caller's decode fails: the next request writes the buffer its
+                # graph reads), blocking in the driver: a polling thread would hold the GIL the decode needs
+                decision = dev_s1.result(spin=False)
+            return _Stage1Window(q_ids, size, tier_tokens, uniforms, decision)
 
         return self._stage1_thread.submit(window)
 
@@ -318,31 +343,26 @@ class RequestEngine:
         s1_uniforms = None                  # Stage1's two draws (kept if it must decide again)
         charged_parts_ms = [0.0, 0.0]       # preprocessing reused from the memo, (part 1, part 2)
         if memo is None and self._may_overlap(image_bytes, controller, fixed):
-            q_ids = self.question_ids(question)
-        if q_ids is not None and memo is None and self.stage1_on_device.fits(len(q_ids)):
-            header, size = self._probe_size(image_bytes)
-            counts = self.pre.tier_token_counts(size[0], size[1], space.tier_max_crops)
-            tier_tokens = [int(c[1]) for c in counts]
-            stage1_job = self._overlapped_stage1(q_ids, tier_tokens, controller, budget_ms, greedy, generator)
+            stage1_job = self._overlapped_stage1(image_bytes, question, controller, budget_ms, greedy, generator)
             try:
-                rgb = self._decode_image(header)
+                rgb = self._decode_image(image_bytes)
             except BaseException:
-                # the decode's error is the one to report; the queued decision is still waited for, since the
-                # next request writes the buffer its graph reads
-                if stage1_job.exception() is None:
-                    self.stage1_on_device.result(spin=False)
+                stage1_job.exception()      # the decode's error is the one to report, once the window has ended
                 raise
-            stage1_job.result()             # the window has been queued (its errors are raised here)
-            if (rgb.shape[1], rgb.shape[0]) == size:
+            window = stage1_job.result()    # the window has run (its errors, a question of no ids, raised here)
+            q_ids = window.q_ids
+            h_px, w_px = rgb.shape[:2]
+            if window.decision is not None and (w_px, h_px) == window.size:
+                tier_tokens = window.tier_tokens
                 self.decode_overlapped += 1
             else:
-                # an EXIF rotation the header did not show (a PNG's eXIf chunk after its pixels): the queued
-                # decision saw the wrong tier token counts; it is waited for and dropped, and Stage1 runs again
-                # after the decode, as without the overlap
-                self.stage1_on_device.result(spin=False)
-                s1_uniforms = stage1_job.result()        # the same draws decide again
+                # no decision: a question too long for the device path (Stage1 takes the host path below); or an
+                # EXIF rotation the header did not show (a PNG's eXIf chunk after its pixels): the decision saw the
+                # wrong tier token counts; it is dropped, and Stage1 runs again after the decode, as without the
+                # overlap, with the same draws
+                if window.decision is not None:
+                    s1_uniforms = window.uniforms
                 stage1_job = None
-                h_px, w_px = rgb.shape[:2]
                 counts = self.pre.tier_token_counts(w_px, h_px, space.tier_max_crops)
                 tier_tokens = [int(c[1]) for c in counts]
         elif memo is None:
@@ -378,8 +398,8 @@ class RequestEngine:
             if not f1.tier_mask[ti]:        # a collapsed tier runs as the cheapest equal tier
                 ti = tier_tokens.index(tier_tokens[ti])
             d_tier, d_p = HeadDecision(ti, 0.0), HeadDecision(pi, 0.0)
-        elif stage1_job is not None:        # queued under the decode: only the read-back is left
-            t_idx, lp_t, p_idx, lp_p = dev_s1.result(spin=self.spin_wait)
+        elif stage1_job is not None:        # decided under the decode
+            t_idx, lp_t, p_idx, lp_p = window.decision
             d_tier, d_p = HeadDecision(t_idx, lp_t), HeadDecision(p_idx, lp_p)
         elif dev_s1 is not None:            # decided in the stream; the host reads the decision back
             dev_s1.prepare(controller, budget_ms)

@@ -217,6 +217,13 @@ def test_stage1_window_under_the_image_decode(tmp_path):
     assert dev.stage1_on_device.decided == 11                   # the window had run; its decision was read
     _compare_paths(dev, host, ctl, image, QUESTION, range(2))
     assert dev.decode_overlapped == 10
+    # a question too long for the device path: the helper queues nothing, Stage1 takes the host path after the
+    # decode, with the host engine's result
+    long_question = " ".join([QUESTION] * 80)
+    assert not dev.stage1_on_device.fits(len(dev.question_ids(long_question)))
+    decided = dev.stage1_on_device.decided
+    _compare_paths(dev, host, ctl, image, long_question, range(2))
+    assert dev.stage1_on_device.decided == decided and dev.decode_overlapped == 10
     # a PNG whose EXIF rotation (orientation 6: width and height swap) sits after its pixels: the header shows
     # no rotation, so the queued decision saw the wrong tier counts; it is dropped and Stage1 runs again after
     # the decode, with the sequential path's result
