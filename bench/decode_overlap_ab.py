@@ -9,13 +9,15 @@ preprocessing to ~0.03 ms, but its preprocess difference (where the overlapped w
 as `RequestEngine.serve` runs it:
 
 - plain (no controller): decode the image bytes, count the tiers' tokens;
-- controlled: the Stage1 window submitted to the helper thread (there: the question's ids, the header's size,
-  the tiers' token counts, the device decision queued and waited for), the same decode, the window's result awaited, the
-  sizes compared.
+- controlled: the header opened and its size read, the Stage1 window submitted to the helper thread (there:
+  the question's ids, the tiers' token counts, the device decision queued), the decode of the opened header,
+  the window's result awaited, the sizes compared;
+- controlled, ids on the request thread: the previous split (commit f22a75c), the question's ids and the tiers'
+  token counts before the submit.
 
-The two arms alternate in a random order per pair, each after a ~10 ms GPU wait polled by the host (the previous
-request's end, as in a request); the helper waits for its decision, so the controlled arm ends with it in hand
-(as serve() does, whose stage1 segment then holds no controller work). For each arm: the request thread's wall time and its
+The arms alternate in a random order per round, each after a ~10 ms GPU wait polled by the host (the previous
+request's end, as in a request); a controlled arm's decision is read back after its timed step (that read-back
+is the stage1 segment, in the A/B's figure without preprocessing). For each arm: the request thread's wall time and its
 CPU time. Their difference (wall - CPU) is the time the thread did not run: waiting for the GIL the helper held,
 or descheduled. It is far less noisy than the wall time, whose noise is the host's speed, so the paired
 difference of (wall - CPU) resolves the GIL's cost to a few microseconds; the paired difference of the CPU time
@@ -31,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,7 +46,7 @@ from rollout_speed import QUESTION, png  # noqa: E402
 from rollout_workers.molmoe_backend import word_level_tokenizer  # noqa: E402
 from rollout_workers.molmoe.preprocessing import MolmoPreprocessor  # noqa: E402
 from rollout_workers.request_path import RequestEngine  # noqa: E402
-from shared.controller import TwoStageController  # noqa: E402
+from shared.controller import TwoStageController, uniform_pair  # noqa: E402
 from shared.knobs import ImportanceScores, KnobSpace  # noqa: E402
 
 BUDGET_MS = 250.0
@@ -80,14 +83,38 @@ def part1_plain(engine: RequestEngine, image: bytes) -> None:
 
 
 def part1_controlled(engine: RequestEngine, image: bytes, ctl: TwoStageController, gen: torch.Generator) -> None:
-    """What serve() runs before its first preprocess mark with a controller and the decode overlap: the window
-    (ids, header size, tier counts, the device decision) submitted to the helper, the plain path's decode, the
-    window's result, the sizes compared."""
-    job = engine._overlapped_stage1(image, QUESTION, ctl, BUDGET_MS, False, gen)
-    rgb = engine._decode_image(image)
-    window = job.result()
-    if window.decision is None or (rgb.shape[1], rgb.shape[0]) != window.size:
-        raise RuntimeError("the window did not decide, or the header's size differs from the decode's")
+    """What serve() runs before its first preprocess mark with a controller and the decode overlap: the header
+    opened and its size read, the window (the question's ids, the tiers' token counts, the device decision)
+    submitted to the helper, the decode of the opened header, the window's result, the sizes compared; the
+    decision's read-back (the stage1 segment) after the timed step."""
+    header, size = engine._probe_size(image)
+    job = engine._overlapped_stage1(QUESTION, size, ctl, BUDGET_MS, False, gen)
+    rgb = engine._decode_image(header)
+    if not job.result().queued or (rgb.shape[1], rgb.shape[0]) != size:
+        raise RuntimeError("the window did not queue, or the header's size differs from the decode's")
+
+
+def part1_controlled_ids_here(engine: RequestEngine, image: bytes, ctl: TwoStageController,
+                              gen: torch.Generator) -> None:
+    """The previous split (commit f22a75c), for comparison: the question's ids and the tiers' token counts on the
+    request thread, only the device decision in the helper."""
+    space, dev_s1 = engine.space, engine.stage1_on_device
+    q_ids = engine.question_ids(QUESTION)
+    header, size = engine._probe_size(image)
+    tier_tokens = [int(c[1]) for c in engine.pre.tier_token_counts(size[0], size[1], space.tier_max_crops)]
+    tier_mask, p_mask = space.tier_mask(tier_tokens), [True] * len(space.positions)
+    stream = torch.cuda.current_stream(engine.device) if engine.device.type == "cuda" else None
+
+    def window():
+        with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
+            dev_s1.prepare(ctl, BUDGET_MS)
+            dev_s1.queue(q_ids, tier_tokens, tier_mask, p_mask, uniform_pair(gen))
+
+    job = engine._stage1_thread.submit(window)
+    rgb = engine._decode_image(header)
+    job.result()
+    if (rgb.shape[1], rgb.shape[0]) != size:
+        raise RuntimeError("the header's size differs from the decode's")
 
 
 def gpu_wait(device: torch.device, ms: float, event) -> None:
@@ -124,23 +151,33 @@ def main() -> int:
         engine.serve(image, QUESTION, BUDGET_MS, ctl, max_new_tokens=2, generator=gen)
     overlapped_before = engine.decode_overlapped
     arms = {"plain": lambda: part1_plain(engine, image),
-            "controlled": lambda: part1_controlled(engine, image, ctl, gen)}
+            "controlled": lambda: part1_controlled(engine, image, ctl, gen),
+            "controlled, ids on the request thread (f22a75c)": lambda: part1_controlled_ids_here(engine, image, ctl, gen)}
     data = {name: {"wall_ms": [], "cpu_ms": []} for name in arms}
     order = np.random.default_rng(1)
     t_start = time.perf_counter()
+    engine._overlapped_stage1(QUESTION, (1024, 768), ctl, BUDGET_MS, False, gen).result()   # the helper thread
+    engine.stage1_on_device.result()
     for i in range(args.pairs + 10):
         for name in order.permutation(list(arms)):
             gpu_wait(device, args.wait_ms, event)
             w0, c0 = time.perf_counter(), time.thread_time()
             arms[name]()
             w1, c1 = time.perf_counter(), time.thread_time()
+            if name != "plain":
+                engine.stage1_on_device.result(spin=engine.spin_wait)     # the stage1 segment's read-back
             if i >= 10:
                 data[name]["wall_ms"].append((w1 - w0) * 1e3)
                 data[name]["cpu_ms"].append((c1 - c0) * 1e3)
     seconds = time.perf_counter() - t_start
     rng = np.random.default_rng(0)
-    diff = {k: [c - p for c, p in zip(data["controlled"][k], data["plain"][k])] for k in ("wall_ms", "cpu_ms")}
-    diff["off_cpu_ms"] = [dw - dc for dw, dc in zip(diff["wall_ms"], diff["cpu_ms"])]
+    stats = {}
+    for arm in arms:
+        if arm == "plain":
+            continue
+        diff = {k: [c - p for c, p in zip(data[arm][k], data["plain"][k])] for k in ("wall_ms", "cpu_ms")}
+        diff["off_cpu_ms"] = [dw - dc for dw, dc in zip(diff["wall_ms"], diff["cpu_ms"])]
+        stats[arm] = {k: dict(zip(("median", "ci95_lo", "ci95_hi"), median_ci(v, rng))) for k, v in diff.items()}
     rows = {}
     for name in arms:
         off = [w - c for w, c in zip(data[name]["wall_ms"], data[name]["cpu_ms"])]
@@ -148,17 +185,17 @@ def main() -> int:
                       "wall_ms_p90": float(np.percentile(data[name]["wall_ms"], 90)),
                       "cpu_ms_median": statistics.median(data[name]["cpu_ms"]),
                       "off_cpu_ms_median": statistics.median(off)}
-    stats = {k: dict(zip(("median", "ci95_lo", "ci95_hi"), median_ci(v, rng))) for k, v in diff.items()}
     print(f"\n{args.pairs} pairs in {seconds:.0f} s on {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}")
     print("| arm | wall ms (median) | wall p90 | request thread's CPU ms | wall - CPU ms |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['wall_ms_median']:.3f} | {r['wall_ms_p90']:.3f} | {r['cpu_ms_median']:.3f} | "
               f"{r['off_cpu_ms_median']:.4f} |")
-    print("\n| paired difference, controlled - plain | median ms | 95% CI |")
-    print("|---|---|---|")
-    for k, s in stats.items():
-        print(f"| {k} | {s['median']:.4f} | {s['ci95_lo']:.4f} .. {s['ci95_hi']:.4f} |")
+    print("\n| arm - plain, paired | wall ms (95% CI) | request thread's CPU ms | wall - CPU ms (GIL waits) |")
+    print("|---|---|---|---|")
+    for arm, st in stats.items():
+        print(f"| {arm} | " + " | ".join(f"{st[k]['median']:.4f} ({st[k]['ci95_lo']:.4f} .. {st[k]['ci95_hi']:.4f})"
+                                         for k in ("wall_ms", "cpu_ms", "off_cpu_ms")) + " |")
     overlapped = engine.decode_overlapped - overlapped_before
     out = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
            "torch": torch.__version__, "tiny": args.tiny, "pairs": args.pairs, "wait_ms": args.wait_ms,

@@ -29,12 +29,13 @@ host reads back a few numbers. `device_stage1=False` / `device_stage2=False`, or
 host act path (numpy) for that stage.
 
 The decode overlap (`overlap_decode`, on with the device Stage1 path): Stage1 needs only the question's ids
-and the image's size, which the header gives. So when a request decodes its image, the whole Stage1 window
-(tokenising the question, reading the size from the header, the tiers' token counts, then the device decision:
-ids into the pinned buffer, the weights' check, the draws, the graph's replay) runs in a helper thread while
-this thread decodes, exactly as the plain path does: Pillow's decoders release the GIL. The helper also waits for
-the decision (blocking in the driver, GIL released), so it is in hand when the decode ends, and the stage1_ms
-segment holds no controller work; the window's time is inside preprocess_ms. The controller-overhead A/B and `bench/decode_overlap_ab.py` measure what it hides
+and the image's size, which the header gives. So when a request decodes its image, this thread opens the header
+(which the decode needs anyway) and hands the size to a helper thread, which runs the Stage1 window (tokenising
+the question, the tiers' token counts, then the device decision: ids into the pinned buffer, the weights'
+check, the draws, the graph's replay) while this thread decodes: Pillow's decoders release the GIL. The
+stage1_ms segment then holds only the read-back; the window's time is inside preprocess_ms. (The helper must
+not run Python while this thread does: the two would take turns at the GIL. Opening the header in the helper
+too cost this thread 0.3 ms of GIL waits on an H100 host; docs/PERFORMANCE.md.) The controller-overhead A/B and `bench/decode_overlap_ab.py` measure what it hides
 (docs/PERFORMANCE.md).
 
 Shared preprocessing (`reuse_preprocess=True`, what rollout workers use): a GRPO group runs G requests
@@ -84,14 +85,13 @@ class _PreprocessMemo:
 
 @dataclass
 class _Stage1Window:
-    """What the Stage1 window in the helper thread found: the question's ids, the image's size from its header
-    (width, height), the tiers' token counts for it, Stage1's two draws (None: greedy), and the device decision
-    (tier index, its log-prob, p index, its log-prob; None if the question did not fit the device path)."""
+    """What the Stage1 window in the helper thread did: the question's ids, the tiers' token counts for the
+    header's size, Stage1's two draws (None: greedy), and whether the decision was queued (not when the question
+    is too long for the device path)."""
     q_ids: list[int]
-    size: tuple[int, int]
     tier_tokens: list[int]
     uniforms: Optional[tuple[float, float]]
-    decision: Optional[tuple[int, float, int, float]]
+    queued: bool
 
 
 @dataclass
@@ -268,14 +268,12 @@ class RequestEngine:
         except (ValueError, TypeError) as exc:
             raise SampleError(f"bad image: {exc}") from exc
 
-    def _overlapped_stage1(self, image_bytes: bytes, question: str, controller, budget_ms: float, greedy: bool,
+    def _overlapped_stage1(self, question: str, size: tuple[int, int], controller, budget_ms: float, greedy: bool,
                            generator) -> Future:
-        """Start the Stage1 window in the helper thread, to run while the caller decodes the image: the question's
-        ids, the image's size from its header and the tiers' token counts, then the device decision queued on
-        this thread's CUDA stream and waited for there, in the driver (the GIL released; Pillow's decoders release
-        it too, so the window runs on another core and this thread's own work is what the plain path does).
-        Returns the future of an `_Stage1Window`; its errors are a bad header or a question that tokenises to
-        nothing, and then no decision was queued."""
+        """Start the Stage1 window in the helper thread, to run while the caller decodes the image (Pillow's
+        decoders release the GIL): the question's ids, the tiers' token counts for the header's `size`, and the
+        device decision queued on this thread's CUDA stream. Returns the future of a `_Stage1Window` (not of
+        the decision: `DeviceStage1.result` reads that)."""
         if self._stage1_thread is None:
             self._stage1_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage1-window")
         dev_s1, space = self.stage1_on_device, self.space
@@ -283,20 +281,16 @@ class RequestEngine:
 
         def window() -> _Stage1Window:
             q_ids = self.question_ids(question)
-            _, size = self._probe_size(image_bytes)
             counts = self.pre.tier_token_counts(size[0], size[1], space.tier_max_crops)
             tier_tokens = [int(c[1]) for c in counts]
             if not dev_s1.fits(len(q_ids)):      # a question too long for the device path: Stage1 after the decode
-                return _Stage1Window(q_ids, size, tier_tokens, None, None)
+                return _Stage1Window(q_ids, tier_tokens, None, queued=False)
             with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
                 dev_s1.prepare(controller, budget_ms)
                 uniforms = None if greedy else uniform_pair(generator)
                 dev_s1.queue(q_ids, tier_tokens, space.tier_mask(tier_tokens), [True] * len(space.positions),
                              uniforms)
-                # waited for here (also when the caller's decode fails: the next request writes the buffer its
-                # graph reads), blocking in the driver: a polling thread would hold the GIL the decode needs
-                decision = dev_s1.result(spin=False)
-            return _Stage1Window(q_ids, size, tier_tokens, uniforms, decision)
+            return _Stage1Window(q_ids, tier_tokens, uniforms, queued=True)
 
         return self._stage1_thread.submit(window)
 
@@ -343,24 +337,30 @@ class RequestEngine:
         s1_uniforms = None                  # Stage1's two draws (kept if it must decide again)
         charged_parts_ms = [0.0, 0.0]       # preprocessing reused from the memo, (part 1, part 2)
         if memo is None and self._may_overlap(image_bytes, controller, fixed):
-            stage1_job = self._overlapped_stage1(image_bytes, question, controller, budget_ms, greedy, generator)
+            # the header is opened here (the decode needs it anyway); the rest of the window runs in the helper
+            header, size = self._probe_size(image_bytes)
+            stage1_job = self._overlapped_stage1(question, size, controller, budget_ms, greedy, generator)
             try:
-                rgb = self._decode_image(image_bytes)
+                rgb = self._decode_image(header)
             except BaseException:
-                stage1_job.exception()      # the decode's error is the one to report, once the window has ended
+                # the decode's error is the one to report; a decision the helper queued is still waited for, since
+                # the next request writes the buffer its graph reads
+                if stage1_job.exception() is None and stage1_job.result().queued:
+                    self.stage1_on_device.result(spin=False)
                 raise
             window = stage1_job.result()    # the window has run (its errors, a question of no ids, raised here)
             q_ids = window.q_ids
             h_px, w_px = rgb.shape[:2]
-            if window.decision is not None and (w_px, h_px) == window.size:
+            if window.queued and (w_px, h_px) == size:
                 tier_tokens = window.tier_tokens
                 self.decode_overlapped += 1
             else:
-                # no decision: a question too long for the device path (Stage1 takes the host path below); or an
-                # EXIF rotation the header did not show (a PNG's eXIf chunk after its pixels): the decision saw the
-                # wrong tier token counts; it is dropped, and Stage1 runs again after the decode, as without the
-                # overlap, with the same draws
-                if window.decision is not None:
+                # not queued: a question too long for the device path (Stage1 takes the host path below); or an
+                # EXIF rotation the header did not show (a PNG's eXIf chunk after its pixels): the queued decision
+                # saw the wrong tier token counts; it is waited for and dropped, and Stage1 runs again after the
+                # decode, as without the overlap, with the same draws
+                if window.queued:
+                    self.stage1_on_device.result(spin=False)
                     s1_uniforms = window.uniforms
                 stage1_job = None
                 counts = self.pre.tier_token_counts(w_px, h_px, space.tier_max_crops)
@@ -398,8 +398,8 @@ class RequestEngine:
             if not f1.tier_mask[ti]:        # a collapsed tier runs as the cheapest equal tier
                 ti = tier_tokens.index(tier_tokens[ti])
             d_tier, d_p = HeadDecision(ti, 0.0), HeadDecision(pi, 0.0)
-        elif stage1_job is not None:        # decided under the decode
-            t_idx, lp_t, p_idx, lp_p = window.decision
+        elif stage1_job is not None:        # queued under the decode: only the read-back is left
+            t_idx, lp_t, p_idx, lp_p = dev_s1.result(spin=self.spin_wait)
             d_tier, d_p = HeadDecision(t_idx, lp_t), HeadDecision(p_idx, lp_p)
         elif dev_s1 is not None:            # decided in the stream; the host reads the decision back
             dev_s1.prepare(controller, budget_ms)
