@@ -152,7 +152,8 @@ def main() -> int:
     overlapped_before = engine.decode_overlapped
     arms = {"plain": lambda: part1_plain(engine, image),
             "controlled": lambda: part1_controlled(engine, image, ctl, gen),
-            "controlled, ids on the request thread (f22a75c)": lambda: part1_controlled_ids_here(engine, image, ctl, gen)}
+            "controlled, ids on the request thread (f22a75c)":
+                lambda: part1_controlled_ids_here(engine, image, ctl, gen)}
     data = {name: {"wall_ms": [], "cpu_ms": []} for name in arms}
     order = np.random.default_rng(1)
     t_start = time.perf_counter()
@@ -185,7 +186,8 @@ def main() -> int:
                       "wall_ms_p90": float(np.percentile(data[name]["wall_ms"], 90)),
                       "cpu_ms_median": statistics.median(data[name]["cpu_ms"]),
                       "off_cpu_ms_median": statistics.median(off)}
-    print(f"\n{args.pairs} pairs in {seconds:.0f} s on {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}")
+    card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    print(f"\n{args.pairs} pairs in {seconds:.0f} s on {card}")
     print("| arm | wall ms (median) | wall p90 | request thread's CPU ms | wall - CPU ms |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
@@ -197,7 +199,7 @@ def main() -> int:
         print(f"| {arm} | " + " | ".join(f"{st[k]['median']:.4f} ({st[k]['ci95_lo']:.4f} .. {st[k]['ci95_hi']:.4f})"
                                          for k in ("wall_ms", "cpu_ms", "off_cpu_ms")) + " |")
     overlapped = engine.decode_overlapped - overlapped_before
-    out = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
+    out = {"device": card, "date": time.strftime("%Y-%m-%d"),
            "torch": torch.__version__, "tiny": args.tiny, "pairs": args.pairs, "wait_ms": args.wait_ms,
            "png_bytes": len(image), "seconds": seconds, "arms": rows, "paired_difference": stats,
            "serve_overlapped_in_warmup": overlapped_before, "raw": data}

@@ -88,7 +88,8 @@ def main() -> int:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
         cvs = window_cvs(times, args.window)
-        rows[name] = {"median_ms": statistics.median(times), "cv_all": statistics.pstdev(times) / statistics.mean(times),
+        rows[name] = {"median_ms": statistics.median(times),
+                      "cv_all": statistics.pstdev(times) / statistics.mean(times),
                       "window_cv_median": statistics.median(cvs), "window_cv_max": max(cvs),
                       "windows_within_3pct": sum(c <= 0.03 for c in cvs) / len(cvs), "times_ms": times}
         r = rows[name]

@@ -298,9 +298,11 @@ def _ab_stats(r: dict) -> dict:
             "preprocess_diff_ms_median": statistics.median(r["pre"]),
             "preprocess_diff_ms_median_ci95": [float(np.percentile(meds_p, 2.5)), float(np.percentile(meds_p, 97.5))],
             "overhead_excl_crops_ms_median": statistics.median(r["no_crops"]),
-            "overhead_excl_crops_ms_median_ci95": [float(np.percentile(meds_nc, 2.5)), float(np.percentile(meds_nc, 97.5))],
+            "overhead_excl_crops_ms_median_ci95": [float(np.percentile(meds_nc, 2.5)),
+                                                  float(np.percentile(meds_nc, 97.5))],
             "decode_part_diff_ms_median": statistics.median(r["pre1"]),
-            "decode_part_diff_ms_median_ci95": [float(np.percentile(meds_p1, 2.5)), float(np.percentile(meds_p1, 97.5))]}
+            "decode_part_diff_ms_median_ci95": [float(np.percentile(meds_p1, 2.5)),
+                                               float(np.percentile(meds_p1, 97.5))]}
 
 
 def main() -> int:

@@ -35,8 +35,8 @@ the question, the tiers' token counts, then the device decision: ids into the pi
 check, the draws, the graph's replay) while this thread decodes: Pillow's decoders release the GIL. The
 stage1_ms segment then holds only the read-back; the window's time is inside preprocess_ms. (The helper must
 not run Python while this thread does: the two would take turns at the GIL. Opening the header in the helper
-too cost this thread 0.3 ms of GIL waits on an H100 host; docs/PERFORMANCE.md.) The controller-overhead A/B and `bench/decode_overlap_ab.py` measure what it hides
-(docs/PERFORMANCE.md).
+too cost this thread 0.3 ms of GIL waits on an H100 host.) The controller-overhead A/B and
+`bench/decode_overlap_ab.py` measure what it hides (docs/PERFORMANCE.md).
 
 Shared preprocessing (`reuse_preprocess=True`, what rollout workers use): a GRPO group runs G requests
 on the same image bytes and question, and their preprocessing (decoding, size probe; the crops of each
@@ -538,6 +538,7 @@ class RequestEngine:
                              p=d_p, top_k=d_k, num_blocks=d_nb, stage1=f1, stage2=f2, num_crops=inputs.num_crops,
                              vision_tokens=inputs.num_image_tokens, prompt_tokens=T, segments_ms=segments,
                              latency_ms=timer.total_ms(), host_latency_ms=(time.perf_counter() - host0) * 1e3,
-                             t_start=t_start, t_end=time.time(), preprocess_parts_ms=(pre_ms[0] + charged_parts_ms[0], pre_ms[1] + charged_parts_ms[1]),
+                             t_start=t_start, t_end=time.time(),
+                             preprocess_parts_ms=(pre_ms[0] + charged_parts_ms[0], pre_ms[1] + charged_parts_ms[1]),
                              step_logits=step_logits)
 
