@@ -8,6 +8,8 @@ the prefill) would go if the rest of the prefill were one graph whose blocks eac
 checks the pieces on the device: the API (`CUDAGraph.begin_capture_to_if_node`), plain torch ops and an
 inductor-compiled (Triton) function inside IF bodies, outputs equal to the eager computation for every flag
 pattern, and that a skipped body costs next to nothing at replay. Prints a table and writes JSON.
+
+Seen 2026-11-27: torch 2.11.0+cu130 on the lent H100s has no IF-node API (torch 2.13 has it).
 """
 from __future__ import annotations
 
