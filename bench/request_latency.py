@@ -5,7 +5,8 @@ controller-overhead A/B, on the full-size MolmoE architecture with RANDOM weight
 
 For each tier, top_k in {4, 8} and num_blocks in {12, 16} at p = 1: a fixed 1024x768 image (a 640x480
 image collapses the medium and high tiers onto the same 2x3 tiling), a 16-token
-answer (EOS ignored), median and coefficient of variation over the repeats after warm-up. The A/B
+answer (EOS ignored), median and coefficient of variation over the repeats after warm-up, and the host's own
+steadiness before and after (a fixed pure-Python loop's CV over 10 repeats). The A/B
 runs the controlled path (budget token, split prefill, both decisions, synchronisations) and then the
 plain path with the same knobs the controller chose, alternating, and reports the median difference.
 Prints a table and writes JSON.
@@ -37,6 +38,9 @@ from rollout_workers.request_path import SEGMENT_ORDER, RequestEngine  # noqa: E
 from rollout_workers.timers import timer_overhead_us  # noqa: E402
 from shared.controller import TwoStageController  # noqa: E402
 from shared.knobs import ImportanceScores, KnobChoice, KnobSpace  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host_speed_probe import python_loop, window_cvs  # noqa: E402
 
 QUESTION = "what colour is the small circle in the top left corner of the picture"
 
@@ -134,6 +138,19 @@ def main() -> int:
                 torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)
 
+    def host_steadiness() -> dict:
+        """The host's own steadiness beside the table: a fixed pure-Python loop timed 30 times, and its CV over
+        windows of 10 (bench/host_speed_probe.py). If it exceeds the 3% target, so does any host-bound engine."""
+        times = []
+        for _ in range(30):
+            t0 = time.perf_counter()
+            python_loop(200_000)
+            times.append((time.perf_counter() - t0) * 1e3)
+        cvs = window_cvs(times, 10)
+        return {"python_loop_ms_median": statistics.median(times), "window_cv_median": statistics.median(cvs),
+                "window_cv_max": max(cvs)}
+
+    host_before = host_steadiness()
     rows = []
     for t_name, crops in zip(space.tier_names, tiers):
         for k in topks:
@@ -179,7 +196,11 @@ def main() -> int:
         print(f"controller overhead (A/B, median of {len(diffs)} pairs): {ab['overhead_ms_median']:.3f} ms "
               f"(target < 0.2 ms; ratio {ab['overhead_ms_median'] / 0.2:.2f})")
     print(f"timer mark {ab['timer_mark_cost_us']:.1f} us")
-    out = {"card": card, "affinity_cores": args.affinity, "experts_implementation": args.experts, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+    host = {"before": host_before, "after": host_steadiness()}
+    print("host steadiness (pure-Python loop, CV over 10 repeats; median / max): " + ", ".join(
+        f"{k} {v['window_cv_median'] * 100:.1f}% / {v['window_cv_max'] * 100:.1f}%" for k, v in host.items()))
+    out = {"card": card, "affinity_cores": args.affinity, "experts_implementation": args.experts,
+           "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "host_steadiness": host,
            "engine": "eager", "dtype": "bfloat16" if not args.tiny else "float32", "repeats": args.repeats,
            "answer_tokens": args.tokens, "rows": rows, "ab": ab,
            "max_cv": max(r["latency_cv"] for r in rows)}

@@ -52,6 +52,9 @@ def test_request_latency_records_each_repeat(tmp_path):
     _run("request_latency.py", "--tiny", "--repeats", "2", "--warmup", "1", "--no-ab", "--out", str(out))
     d = json.loads(out.read_text())
     assert len(d["rows"]) == 12
+    for side in ("before", "after"):
+        steady = d["host_steadiness"][side]
+        assert steady["python_loop_ms_median"] > 0 and 0 <= steady["window_cv_median"] <= steady["window_cv_max"]
     for row in d["rows"]:
         assert len(row["per_repeat"]) == 2 and row["syncs_per_request"] == 0       # no CUDA here
         rep = row["per_repeat"][0]
