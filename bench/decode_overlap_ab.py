@@ -13,7 +13,7 @@ as `RequestEngine.serve` runs it:
   the question's ids, the tiers' token counts, the device decision queued), the decode of the opened header,
   the window's result awaited, the sizes compared;
 - controlled, ids on the request thread: the previous split (commit f22a75c), the question's ids and the tiers'
-  token counts before the submit.
+  token counts before the submit, handed over through a ThreadPoolExecutor as then.
 
 The arms alternate in a random order per round, each after a ~10 ms GPU wait polled by the host (the previous
 request's end, as in a request); a controlled arm's decision is read back after its timed step (that read-back
@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from shared.controller import TwoStageController, uniform_pair  # noqa: E402
 from shared.knobs import ImportanceScores, KnobSpace  # noqa: E402
 
 BUDGET_MS = 250.0
+_F22A75C_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage1-window")   # that split's hand-off
 
 
 def build(tiny: bool, device: torch.device) -> tuple[RequestEngine, TwoStageController]:
@@ -110,7 +112,7 @@ def part1_controlled_ids_here(engine: RequestEngine, image: bytes, ctl: TwoStage
             dev_s1.prepare(ctl, BUDGET_MS)
             dev_s1.queue(q_ids, tier_tokens, tier_mask, p_mask, uniform_pair(gen))
 
-    job = engine._stage1_thread.submit(window)
+    job = _F22A75C_POOL.submit(window)
     rgb = engine._decode_image(header)
     job.result()
     if (rgb.shape[1], rgb.shape[0]) != size:

@@ -49,7 +49,6 @@ every request's Stage1 window, on the device, or on the host and then kept too).
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
@@ -63,6 +62,7 @@ from shared.controller import (HeadDecision, Stage1Features, Stage2Features, Two
                                uniform_pair)
 from shared.knobs import ImportanceScores, KnobChoice, KnobSpace, select_blocks
 from rollout_workers.executors import EagerEngine
+from rollout_workers.helper_thread import Pending, run_in_helper
 from rollout_workers.molmoe.preprocessing import decode_image, open_image, probe_image_size
 from rollout_workers.timers import SegmentTimer
 
@@ -185,7 +185,6 @@ class RequestEngine:
         self.overlap_decode = (self.stage1_on_device is not None) if overlap_decode is None else bool(overlap_decode)
         if self.overlap_decode and self.stage1_on_device is None:
             raise ValueError("overlap_decode needs the device Stage1 path (device_stage1=True)")
-        self._stage1_thread: Optional[ThreadPoolExecutor] = None
         self.decode_overlapped = 0          # requests whose Stage1 window ran under their image decode
 
     # ------------------------------------------------------------------------------------------
@@ -269,13 +268,13 @@ class RequestEngine:
             raise SampleError(f"bad image: {exc}") from exc
 
     def _overlapped_stage1(self, question: str, size: tuple[int, int], controller, budget_ms: float, greedy: bool,
-                           generator) -> Future:
+                           generator) -> Pending:
         """Start the Stage1 window in the helper thread, to run while the caller decodes the image (Pillow's
         decoders release the GIL): the question's ids, the tiers' token counts for the header's `size`, and the
-        device decision queued on this thread's CUDA stream. Returns the future of a `_Stage1Window` (not of
-        the decision: `DeviceStage1.result` reads that)."""
-        if self._stage1_thread is None:
-            self._stage1_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage1-window")
+        device decision queued on this thread's CUDA stream. Returns the pending `_Stage1Window` (not the
+        decision: `DeviceStage1.result` reads that). The hand-off is a queue put and get (helper_thread.py), not a
+        ThreadPoolExecutor, whose submit and result cost the request thread ~0.05 ms more (CPU machine,
+        bench/handoff_probe.py)."""
         dev_s1, space = self.stage1_on_device, self.space
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
@@ -292,7 +291,7 @@ class RequestEngine:
                              uniforms)
             return _Stage1Window(q_ids, tier_tokens, uniforms, queued=True)
 
-        return self._stage1_thread.submit(window)
+        return run_in_helper(window)
 
     def _decode_image(self, image_bytes):
         """RGB uint8 [H, W, 3] from image bytes (or a header from `_probe_size`); a SampleError if bad."""
