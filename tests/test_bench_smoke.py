@@ -62,3 +62,12 @@ def test_request_latency_records_each_repeat(tmp_path):
         assert abs(sum(rep[s] for s in ("preprocess_ms", "stage1_ms", "vision_ms", "prefix_ms", "stage2_ms",
                                         "prefill_rest_ms", "decode_ms", "postprocess_ms"))
                    - rep["latency_ms"]) < 1e-6 * rep["latency_ms"] + 1e-3
+
+
+def test_handoff_probe_writes_its_table(tmp_path):
+    out = tmp_path / "handoff.json"
+    _run("handoff_probe.py", "--rounds", "5", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"ThreadPoolExecutor", "run_in_helper", "decode alone"}
+    for name in ("ThreadPoolExecutor", "run_in_helper"):
+        assert rows[name]["start_us"]["median"] > 0 and rows[name]["collect_us"]["median"] > 0
