@@ -4,7 +4,7 @@
     python3 bench/decode_overlap_ab.py --out decode_overlap_ab.json [--pairs 2000] [--tiny]
 
 The controller-overhead A/B of `bench/rollout_speed.py` resolves the controlled path's cost outside
-preprocessing to ~0.03 ms, but its preprocess difference (where the overlapped window now runs) to only
+preprocessing to within ~±0.03 ms, but its preprocess difference (where the overlapped window now runs) only to
 ~±0.3 ms: the image decode is the noisiest part of a request. This script times that step alone, many times,
 as `RequestEngine.serve` runs it:
 
@@ -17,11 +17,11 @@ as `RequestEngine.serve` runs it:
 
 The arms alternate in a random order per round, each after a ~10 ms GPU wait polled by the host (the previous
 request's end, as in a request); a controlled arm's decision is read back after its timed step (that read-back
-is the stage1 segment, in the A/B's figure without preprocessing). For each arm: the request thread's wall time and its
-CPU time. Their difference (wall - CPU) is the time the thread did not run: waiting for the GIL the helper held,
+is the stage1 segment, in the A/B's figure without preprocessing). For each arm: the request thread's wall time
+and its CPU time. Their difference (wall - CPU) is the time the thread did not run: waiting for the GIL the helper held,
 or descheduled. It is far less noisy than the wall time, whose noise is the host's speed, so the paired
 difference of (wall - CPU) resolves the GIL's cost to a few microseconds; the paired difference of the CPU time
-holds everything else (the submit, the ids, the header probe, a slower decode beside the helper).
+holds everything else (the hand-off, the header probe, a slower decode beside the helper).
 Full-size MolmoE (random weights) on CUDA; `--tiny` runs the tiny model (CPU: a smoke test of the script).
 Prints a table and writes JSON.
 """
