@@ -328,6 +328,9 @@ def main() -> int:
     ap.add_argument("--ab-no-overlap", action="store_true",
                     help="also the A/B with the Stage1 window after the image decode (overlap_decode=False), "
                          "draws from a generator")
+    ap.add_argument("--ab-early", action="store_true",
+                    help="also the A/B with early_rest_prefill (top_k written on the device and the always-run "
+                         "blocks queued before Stage2's decision is read)")
     ap.add_argument("--ab-greedy", action="store_true",
                     help="also the A/B with greedy decisions (no draws: what the serving path runs)")
     ap.add_argument("--ab-only", action="store_true",
@@ -401,6 +404,9 @@ def main() -> int:
             engines["stages on the device, uniform stream"] = (fast, UniformStream(torch.Generator().manual_seed(0)))
         if args.ab_greedy:           # the same engine, argmax decisions (the serving path)
             engines["stages on the device, greedy"] = (fast, "greedy")
+        if args.ab_early:            # the always-run blocks queued before the Stage2 decision is read
+            engines["stages on the device, early rest of the prefill"] = RequestEngine(
+                model, pre, space, importance, executor=fast_exec, early_rest_prefill=True)
         if args.ab_no_overlap:       # both stages on the device, the Stage1 window after the decode
             engines["stages on the device, no decode overlap"] = RequestEngine(
                 model, pre, space, importance, executor=fast_exec, overlap_decode=False)

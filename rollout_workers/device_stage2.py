@@ -203,6 +203,11 @@ class DeviceStage2(GraphedDecision):
         v = self._read(spin)
         return int(v[O_K]), v[O_LP_K], int(v[O_NB]), v[O_LP_NB], v[O_SPENT], v[O_ELAPSED]
 
+    def top_k_index_on_device(self) -> torch.Tensor:
+        """The queued decision's top_k index as a float32 scalar on the device (valid in stream order after
+        `queue`; for work queued before the host reads the decision)."""
+        return self.out[O_K]
+
     def queue_state_copy(self) -> None:
         """Queue the latency state's copy to the host (after the rest of the prefill is queued); read it with
         `latency_state` once the stream has passed it."""

@@ -369,6 +369,7 @@ class FastEngine:
     """
 
     name = "fast"
+    device_top_k = True       # top_k is device data: `write_top_k_on_device`, `prefill(..., top_k=None)`
 
     def __init__(self, model, *, max_len: int = 2048, prefill_bucket: int = 64, use_graphs: Optional[bool] = None,
                  compile: Optional[bool] = None, top_k_max: Optional[int] = None, pad_prefill: Optional[bool] = None,
@@ -419,6 +420,7 @@ class FastEngine:
         self._top_k = [torch.full((), self.native_k, dtype=torch.long, device=dev) for _ in range(self.n_layers)]
         self._top_k_host: list[int] = [self.native_k] * self.n_layers
         self._k_values = [torch.tensor(k, dtype=torch.long, device=dev) for k in range(self.shape.k_max + 1)]
+        self._top_k_tables: dict[tuple, torch.Tensor] = {}     # a knob space's top_k options on the device
         self._tok = torch.zeros(1, dtype=torch.long, device=dev)
         self._pos = torch.zeros(1, dtype=torch.long, device=dev)
         self._x = torch.zeros(1, 1, cfg.d_model, device=dev, dtype=dt)
@@ -459,13 +461,16 @@ class FastEngine:
         return self.model.embed(inputs.input_ids, image_features=feats, image_input_idx=inputs.image_input_idx)
 
     @torch.no_grad()
-    def prefill(self, x: torch.Tensor, block_ids: Sequence[int], top_k: Mapping[int, int]) -> torch.Tensor:
-        """x [1, T, D] at positions 0..T-1 through ``block_ids`` -> [1, T, D]; K/V written to 0..T-1."""
+    def prefill(self, x: torch.Tensor, block_ids: Sequence[int],
+                top_k: Optional[Mapping[int, int]]) -> torch.Tensor:
+        """x [1, T, D] at positions 0..T-1 through ``block_ids`` -> [1, T, D]; K/V written to 0..T-1.
+        ``top_k=None``: the blocks run at the top_k already in device memory (`write_top_k_on_device`)."""
         T = x.shape[1]
         if T > self.max_len:
             raise ValueError(f"a prompt of {T} tokens exceeds the fast engine's cache of {self.max_len} "
                              f"positions (model.fast_max_len)")
-        self._set_top_k(block_ids, top_k)
+        if top_k is not None:
+            self._set_top_k(block_ids, top_k)
         if self.use_graphs or self.pad_prefill:   # padded to the length bucket, after every real position
             Tb = self._prefill_bucket(T)
             buf = self._prefill_buffers(Tb)[0]
@@ -637,6 +642,28 @@ class FastEngine:
         self._warm = True
         report.update(graphs=len(self._graphs) + len(self._vision), seconds=time.perf_counter() - t0)
         return report
+
+    def write_top_k_on_device(self, first_block: int, k_index: torch.Tensor, top_ks: Sequence[int]) -> None:
+        """Queue top_k[b] = top_ks[k_index] for every block b >= first_block, from a decision that is still on the
+        device (`k_index`: a scalar tensor there, e.g. Stage2's output), so that blocks can be queued before the
+        host has read the decision. The host's record of those blocks' top_k is unknown until `note_top_k`."""
+        key = tuple(int(k) for k in top_ks)
+        if max(key) > self.shape.k_max or min(key) < 1:
+            raise ValueError(f"top_k options {key} outside 1..{self.shape.k_max} (the fast engine's top_k_max)")
+        table = self._top_k_tables.get(key)
+        if table is None:
+            table = self._top_k_tables[key] = torch.tensor(key, dtype=torch.long, device=self.device)
+        k = table[k_index.long()]
+        blocks = range(int(first_block), self.n_layers)
+        torch._foreach_copy_([self._top_k[b] for b in blocks], [k] * len(blocks))
+        for b in blocks:
+            self._top_k_host[b] = -1          # unknown: the next _set_top_k copies
+
+    def note_top_k(self, first_block: int, k: int) -> None:
+        """Record that blocks >= first_block hold top_k ``k`` on the device (after `write_top_k_on_device`, once
+        the host has read the decision), so that later requests skip copying what is already there."""
+        for b in range(int(first_block), self.n_layers):
+            self._top_k_host[b] = int(k)
 
     def _set_top_k(self, block_ids: Sequence[int], top_k: Mapping[int, int]) -> None:
         """Per-block top_k (device data read by the compiled code and the graphs) for the blocks about to

@@ -140,11 +140,17 @@ class RequestEngine:
         device_stage1: compute the language feature and decide Stage1 on the device in one graph
             (rollout_workers/device_stage1.py): the host reads back four numbers. Default: on CUDA. Not
             used with `fixed` decisions, nor for questions longer than its buffer (host path).
+        early_rest_prefill: with Stage2 on the device and an engine whose top_k is device data (the fast
+            engine), queue Stage2's top_k into the blocks' device memory and the blocks that run under every
+            num_blocks option (from p up to the first block some option drops) before waiting for the decision,
+            so that the GPU is not idle while the host reads it; the stage2 segment then ends when Stage2 is
+            queued, and those blocks count in the rest of the prefill. Off by default: not yet timed on a GPU.
     """
 
     def __init__(self, model, preprocessor, space: KnobSpace, importance: ImportanceScores, executor=None,
                  reuse_preprocess: bool = False, spin_wait: bool = True, device_stage2: Optional[bool] = None,
-                 device_stage1: Optional[bool] = None, overlap_decode: Optional[bool] = None):
+                 device_stage1: Optional[bool] = None, overlap_decode: Optional[bool] = None,
+                 early_rest_prefill: bool = False):
         cfg = model.config
         if (space.num_layers, space.num_experts, space.native_top_k) != (cfg.n_layers, cfg.num_experts, cfg.top_k):
             raise ValueError(f"knob space is for {space.num_layers} blocks x {space.num_experts} experts (native top_k "
@@ -186,6 +192,10 @@ class RequestEngine:
         if self.overlap_decode and self.stage1_on_device is None:
             raise ValueError("overlap_decode needs the device Stage1 path (device_stage1=True)")
         self.decode_overlapped = 0          # requests whose Stage1 window ran under their image decode
+        self.early_rest_prefill = bool(early_rest_prefill) and bool(getattr(self.executor, "device_top_k", False))
+        if early_rest_prefill and not self.early_rest_prefill:
+            raise ValueError("early_rest_prefill needs an engine whose top_k is device data (the fast engine)")
+        self.early_blocks_queued = 0        # blocks queued before the Stage2 decision was read (for reports, tests)
 
     # ------------------------------------------------------------------------------------------
     def question_ids(self, question: str) -> list[int]:
@@ -292,6 +302,19 @@ class RequestEngine:
             return _Stage1Window(q_ids, tier_tokens, uniforms, queued=True)
 
         return run_in_helper(window)
+
+    def _always_run_blocks(self, p: int, nb_mask) -> list[int]:
+        """Blocks p, p+1, ... up to (not including) the first one that some feasible num_blocks option drops:
+        they run, in this order, whatever Stage2 decides (the options' block sets are nested)."""
+        space = self.space
+        fewest = min(nb for nb, ok in zip(space.num_blocks, nb_mask) if ok)
+        kept = set(select_blocks(p, fewest, self.importance.scores))
+        out = []
+        for b in range(p, space.num_layers):
+            if b not in kept:
+                break
+            out.append(b)
+        return out
 
     def _decode_image(self, image_bytes):
         """RGB uint8 [H, W, 3] from image bytes (or a header from `_probe_size`); a SampleError if bad."""
@@ -452,8 +475,16 @@ class RequestEngine:
             h = ex.prefill(x, list(range(p)), {})
             timer.mark("prefix_ms")
             # -- Stage2 (host sync: the decision needs the latency token and the elapsed time)
+            early: list[int] = []
             if dev_s2 is not None:      # decided in the stream; the host reads the decision back
                 dev_s2.queue(h[0, -1])
+                if self.early_rest_prefill:
+                    early = self._always_run_blocks(p, nb_mask)
+                if early:               # queued before the decision is read: they run under every option
+                    timer.mark("stage2_ms")
+                    ex.write_top_k_on_device(p, dev_s2.top_k_index_on_device(), space.top_ks)
+                    h = ex.prefill(h, early, None)
+                    self.early_blocks_queued += len(early)
                 k_idx, lp_k, nb_idx, lp_nb, spent_frac, _ = dev_s2.result(spin=self.spin_wait)
                 d_k, d_nb = HeadDecision(k_idx, lp_k), HeadDecision(nb_idx, lp_nb)
                 f2 = Stage2Features(latency_state=None, p_idx=d_p.index, vision_tokens=tier_tokens[d_tier.index],
@@ -471,9 +502,15 @@ class RequestEngine:
             nb = space.num_blocks[d_nb.index]
             block_ids = select_blocks(p, nb, self.importance.scores)
             k_map = {b: top_k for b in block_ids if b >= p}
-            timer.mark("stage2_ms")
+            rest = block_ids[p + len(early):]
+            if early:
+                if block_ids[p:p + len(early)] != early:
+                    raise RuntimeError(f"blocks {early} were queued as always-run, the decision runs {block_ids}")
+                ex.note_top_k(p, top_k)
+            else:
+                timer.mark("stage2_ms")
             # -- rest of the prefill; first answer token from the position BEFORE the budget token
-            h = ex.prefill(h, block_ids[p:], k_map)
+            h = ex.prefill(h, rest, {b: top_k for b in rest})
             if dev_s2 is not None:
                 dev_s2.queue_state_copy()
             logits = ex.head(h[:, T - 1:T])
