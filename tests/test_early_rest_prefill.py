@@ -18,12 +18,19 @@ from shared.knobs import ImportanceScores, KnobChoice, KnobSpace
 from tests.test_fast_engine import QUESTION, _png
 
 
-def _engines(tmp_path, importance_kind: str, **fast_kwargs):
-    bundle = load_molmoe(make_tiny_checkpoint(tmp_path / "tiny", seed=3), torch.device("cpu"))
+def _tiny(tmp_path, device: str = "cpu"):
+    """The tiny model and a knob space covering every p, top_k and num_blocks."""
+    bundle = load_molmoe(make_tiny_checkpoint(tmp_path / "tiny", seed=3), torch.device(device))
     cfg = bundle.model.config
     L = cfg.n_layers
     space = KnobSpace(("low", "medium", "high"), (1, 2, 4), tuple(range(1, L)), tuple(range(1, cfg.top_k + 1)),
                       tuple(range(2, L + 1)), L, cfg.num_experts, cfg.top_k)
+    return bundle, cfg, space
+
+
+def _engines(tmp_path, importance_kind: str, **fast_kwargs):
+    bundle, cfg, space = _tiny(tmp_path)
+    L = cfg.n_layers
     importance = (ImportanceScores.by_index(L) if importance_kind == "by_index"
                   else ImportanceScores(tuple(float(x) for x in np.random.default_rng(0).random(L))))
 
@@ -75,18 +82,15 @@ def test_same_decisions_tokens_and_logits(tmp_path, importance_kind, padded):
 
 
 def test_needs_an_engine_with_device_top_k(tmp_path):
-    bundle = load_molmoe(make_tiny_checkpoint(tmp_path / "tiny", seed=3), torch.device("cpu"))
-    cfg = bundle.model.config
+    bundle, cfg, space = _tiny(tmp_path)
     L = cfg.n_layers
-    space = KnobSpace(("low", "medium", "high"), (1, 2, 4), tuple(range(1, L)), tuple(range(1, cfg.top_k + 1)),
-                      tuple(range(2, L + 1)), L, cfg.num_experts, cfg.top_k)
     with pytest.raises(ValueError, match="early_rest_prefill needs an engine whose top_k is device data"):
         RequestEngine(bundle.model, bundle.preprocessor, space, ImportanceScores.by_index(L), device_stage2=True,
                       early_rest_prefill=True)
 
 
 def test_write_top_k_on_device_refuses_options_beyond_the_engine(tmp_path):
-    bundle = load_molmoe(make_tiny_checkpoint(tmp_path / "tiny", seed=3), torch.device("cpu"))
+    bundle, _, _ = _tiny(tmp_path)
     fast = FastEngine(bundle.model, max_len=64)
     with pytest.raises(ValueError, match="top_k options"):
         fast.write_top_k_on_device(1, torch.tensor(0.0), (1, fast.shape.k_max + 1))
@@ -98,11 +102,8 @@ def test_write_top_k_on_device_refuses_options_beyond_the_engine(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_same_tokens_and_logits_with_cuda_graphs(tmp_path):
-    bundle = load_molmoe(make_tiny_checkpoint(tmp_path / "tiny", seed=3), torch.device("cuda"))
-    cfg = bundle.model.config
+    bundle, cfg, space = _tiny(tmp_path, "cuda")
     L = cfg.n_layers
-    space = KnobSpace(("low", "medium", "high"), (1, 2, 4), tuple(range(1, L)), tuple(range(1, cfg.top_k + 1)),
-                      tuple(range(2, L + 1)), L, cfg.num_experts, cfg.top_k)
     importance = ImportanceScores.by_index(L)
     fast = FastEngine(bundle.model, max_len=512)
     assert fast.use_graphs
