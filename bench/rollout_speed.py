@@ -405,8 +405,10 @@ def main() -> int:
         if args.ab_greedy:           # the same engine, argmax decisions (the serving path)
             engines["stages on the device, greedy"] = (fast, "greedy")
         if args.ab_early:            # the always-run blocks queued before the Stage2 decision is read
-            engines["stages on the device, early rest of the prefill"] = RequestEngine(
-                model, pre, space, importance, executor=fast_exec, early_rest_prefill=True)
+            early = RequestEngine(model, pre, space, importance, executor=fast_exec, early_rest_prefill=True)
+            engines["stages on the device, early rest of the prefill"] = early
+            if args.ab_greedy:
+                engines["stages on the device, early rest of the prefill, greedy"] = (early, "greedy")
         if args.ab_no_overlap:       # both stages on the device, the Stage1 window after the decode
             engines["stages on the device, no decode overlap"] = RequestEngine(
                 model, pre, space, importance, executor=fast_exec, overlap_decode=False)
