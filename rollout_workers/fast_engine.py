@@ -510,7 +510,8 @@ class FastEngine:
                                    self._top_k[b]))
 
     def _prefill_graph(self, b: int, Tb: int):
-        return self._graph(("prefill", b, Tb), lambda: self._prefill_body(b, Tb))
+        return self._graph(("prefill", b, Tb), lambda: self._prefill_body(b, Tb),
+                           keep=(self._prefill_buffers(Tb)[0],))
 
     def truncate(self, length: int, block_ids: Sequence[int]) -> None:
         """No-op: the next decode step writes position ``length`` and attends to positions <= it."""
@@ -541,7 +542,7 @@ class FastEngine:
             return self._logits
         self._graph(("embed",), self._embed_step).replay()
         for b in block_ids:
-            self._graph(("block", int(b)), lambda b=b: self._block_step(b)).replay()
+            self._graph(("block", int(b)), lambda b=b: self._block_step(b), keep=(self._x,)).replay()
         self._graph(("head",), self._head_step).replay()
         return self._logits
 
@@ -682,10 +683,17 @@ class FastEngine:
         if dst:
             torch._foreach_copy_(dst, src)
 
-    def _graph(self, key, fn):
+    def _graph(self, key, fn, keep: Sequence[torch.Tensor] = ()):
+        """The graph of ``key``, captured from ``fn`` on first use. A capture runs ``fn`` (twice, and on the live
+        buffers): ``keep`` are the buffers ``fn`` updates in place (a block's hidden state), restored after a
+        capture, so that one made in the middle of a request (an engine not warmed up) leaves its state as it
+        was and the replay computes what it should."""
         g = self._graphs.get(key)
         if g is None:
+            saved = [t.clone() for t in keep]
             g = self._capture(fn)
+            for t, s in zip(keep, saved):
+                t.copy_(s)
             self._graphs[key] = g
         return g
 

@@ -296,6 +296,18 @@ def test_fast_engine_with_cuda_graphs_equals_eager(tmp_path):
     print(f"max |logit diff| fast (graphs) vs eager on CUDA, float32 tiny: {worst:.2e}")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphs_captured_in_the_middle_of_a_request_equal_eager(tmp_path):
+    """No warm-up: each graph is captured the first time a request needs it. A capture runs its body on the live
+    buffers (twice), so without restoring them a block's hidden state went through it three times."""
+    eager, fast, fast_exec, space, ctl = _setup("cuda", tmp_path, max_len=512)
+    assert fast_exec.use_graphs and not fast_exec._graphs
+    worst = _compare(eager, fast, ctl, _choices(space, 2, seed=5), atol=2e-3)
+    assert fast_exec.captured > 0
+    print(f"max |logit diff| fast (graphs captured on first use) vs eager, float32 tiny: {worst:.2e}")
+
+
 def _check_latency_token_path(device: str, tmp_path) -> None:
     """Sampled controller path: the recorded latency state equals the eager engine's for the same knobs,
     the Stage2 decisions carry the controller's log-probs for the recorded features, and the answer and
