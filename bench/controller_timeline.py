@@ -21,6 +21,7 @@ Prints a table and writes JSON (and the raw trace with `--trace`).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
@@ -165,10 +166,12 @@ def main() -> int:
         trace = json.loads(Path(path).read_text())
     evs = trace["traceEvents"] if isinstance(trace, dict) else trace
     gpu = sorted((e for e in evs if e.get("ph") == "X" and e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
-    marks = [e for e in gpu if "spin_kernel" in str(e.get("name", ""))]       # torch.cuda._sleep's kernel
+    marks = [e for e in gpu if any(w in str(e.get("name", "")).lower() for w in ("spin_kernel", "sleep"))]
     per: dict = {v: [] for v in variants}
     if cuda and len(marks) != len(launched) + 1:        # one before each request, one after the last
-        raise RuntimeError(f"{len(marks)} request marks in the trace for {len(launched)} requests")
+        names = collections.Counter(str(e.get("name", ""))[:50] for e in gpu).most_common(8)
+        raise RuntimeError(f"{len(marks)} request marks (torch.cuda._sleep's kernel) in the trace for "
+                           f"{len(launched)} requests; most frequent GPU events: {names}")
     for k, (v, i, arm) in enumerate(launched):
         if not cuda:
             continue
