@@ -234,16 +234,20 @@ def token_agreement_float32(device, pre, space: KnobSpace, importance, args) -> 
     return res
 
 
-def controller_ab(engines: dict, ctl: TwoStageController, image: bytes, pairs: int, tokens: int) -> dict:
+def controller_ab(engines: dict, ctl: TwoStageController, image: bytes, pairs: int, tokens: int,
+                  variant_pairs: tuple = ()) -> dict:
     """Controlled path (the controller decides; budget token, split prefill, Stage2 sync) vs the plain
     path with the knobs it chose, one pair after the other; with several engines (e.g. Stage2 on the
     device and on the host, sharing one executor) their pairs interleave, in a shuffled order per round.
-    Returns {engine name: stats}."""
+    Returns {engine name: stats}; and for each (x, y) of `variant_pairs`, "x minus y": the paired difference of
+    the two variants' controlled arms (latency without preprocessing) in the rounds where they chose the same
+    knobs."""
     # a value may be (engine, its generator or UniformStream, or the string "greedy": argmax decisions)
     pairs_of = {name: e if isinstance(e, tuple) else (e, torch.Generator().manual_seed(0)) for name, e in engines.items()}
     engines = {name: e for name, (e, _) in pairs_of.items()}
     gens = {name: g for name, (_, g) in pairs_of.items()}
-    acc = {name: {k: [] for k in ("diffs", "a", "b", "s1", "s2", "model", "pre", "no_crops", "pre1")}
+    acc = {name: {k: [] for k in ("diffs", "a", "b", "s1", "s2", "model", "pre", "no_crops", "pre1", "a_model",
+                                  "knobs")}
            for name in engines}
     order_rng = np.random.default_rng(1)
     names = list(engines)
@@ -274,7 +278,18 @@ def controller_ab(engines: dict, ctl: TwoStageController, image: bytes, pairs: i
             # the image decode, where the overlapped window runs, stays in
             r["no_crops"].append((a.latency_ms - a.preprocess_parts_ms[1]) - (b.latency_ms - b.preprocess_parts_ms[1]))
             r["pre1"].append(a.preprocess_parts_ms[0] - b.preprocess_parts_ms[0])
-    return {name: _ab_stats(r) for name, r in acc.items()}
+            r["a_model"].append(a.latency_ms - a.segments_ms["preprocess_ms"])     # for comparing variants
+            r["knobs"].append(a.knobs)
+    out = {name: _ab_stats(r) for name, r in acc.items()}
+    for x, y in variant_pairs:      # the controlled arms of two variants, round by round (same knobs only)
+        rx, ry = acc[x], acc[y]
+        d = [u - v for u, v, kx, ky in zip(rx["a_model"], ry["a_model"], rx["knobs"], ry["knobs"]) if kx == ky]
+        if d:
+            boot = np.random.default_rng(0)
+            meds = [float(np.median(boot.choice(d, len(d)))) for _ in range(1000)]
+            out[f"{x} minus {y}"] = {"pairs": len(d), "controlled_excl_preprocess_diff_ms_median": statistics.median(d),
+                                     "ci95": [float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))]}
+    return out
 
 
 def _ab_stats(r: dict) -> dict:
@@ -418,7 +433,15 @@ def main() -> int:
         if args.ab_host_stage2:      # both stages on the host (the numpy act path)
             engines["stages on the host"] = RequestEngine(model, pre, space, importance, executor=fast_exec,
                                                           device_stage1=False, device_stage2=False)
-        abs_ = controller_ab(engines, ctl, image, args.ab_pairs, args.tokens)
+        early_pairs = tuple((f"stages on the device, early rest of the prefill{g}", f"stages on the device{g}")
+                            for g in ("", ", greedy") if f"stages on the device, early rest of the prefill{g}" in engines)
+        abs_ = controller_ab(engines, ctl, image, args.ab_pairs, args.tokens, early_pairs)
+        for name in [n for n in abs_ if " minus " in n]:
+            d = abs_.pop(name)
+            out.setdefault("variant_differences", {})[name] = d
+            print(f"{name}: controlled arm without preprocessing {d['controlled_excl_preprocess_diff_ms_median']:+.3f} "
+                  f"ms (95% CI {d['ci95'][0]:+.3f}..{d['ci95'][1]:+.3f}) over {d['pairs']} rounds with the same knobs",
+                  flush=True)
         for name, ab in abs_.items():
             print(f"controller overhead on the fast engine ({name}): median {ab['overhead_ms_median']:.3f} ms (95% CI "
                   f"{ab['overhead_ms_median_ci95'][0]:.3f}..{ab['overhead_ms_median_ci95'][1]:.3f}) over {ab['pairs']} "
