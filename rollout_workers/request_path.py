@@ -92,6 +92,7 @@ class _Stage1Window:
     tier_tokens: list[int]
     uniforms: Optional[tuple[float, float]]
     queued: bool
+    decision: Optional[tuple] = None        # Stage1's (tier index, its log-prob, p index, its log-prob), if read
 
 
 @dataclass
@@ -145,12 +146,16 @@ class RequestEngine:
             num_blocks option (from p up to the first block some option drops) before waiting for the decision,
             so that the GPU is not idle while the host reads it; the stage2 segment then ends when Stage2 is
             queued, and those blocks count in the rest of the prefill. Off by default: not yet timed on a GPU.
+        stage1_read_in_helper: with the decode overlap, the helper thread also waits for Stage1's decision (in the
+            driver, without the GIL) and reads it back, under the image decode; the request thread then finds it
+            in the window's result instead of reading it between the preprocess and stage1 marks, where the GPU
+            has nothing to do.
     """
 
     def __init__(self, model, preprocessor, space: KnobSpace, importance: ImportanceScores, executor=None,
                  reuse_preprocess: bool = False, spin_wait: bool = True, device_stage2: Optional[bool] = None,
                  device_stage1: Optional[bool] = None, overlap_decode: Optional[bool] = None,
-                 early_rest_prefill: bool = False):
+                 early_rest_prefill: bool = False, stage1_read_in_helper: bool = False):
         cfg = model.config
         if (space.num_layers, space.num_experts, space.native_top_k) != (cfg.n_layers, cfg.num_experts, cfg.top_k):
             raise ValueError(f"knob space is for {space.num_layers} blocks x {space.num_experts} experts (native top_k "
@@ -192,6 +197,8 @@ class RequestEngine:
         if self.overlap_decode and self.stage1_on_device is None:
             raise ValueError("overlap_decode needs the device Stage1 path (device_stage1=True)")
         self.decode_overlapped = 0          # requests whose Stage1 window ran under their image decode
+        self.stage1_read_in_helper = bool(stage1_read_in_helper)
+        self.stage1_read_by_helper = 0      # requests whose Stage1 decision the helper read (for reports, tests)
         self.early_rest_prefill = bool(early_rest_prefill) and bool(getattr(self.executor, "device_top_k", False))
         if early_rest_prefill and not self.early_rest_prefill:
             raise ValueError("early_rest_prefill needs an engine whose top_k is device data (the fast engine)")
@@ -299,7 +306,9 @@ class RequestEngine:
                 uniforms = None if greedy else uniform_pair(generator)
                 dev_s1.queue(q_ids, tier_tokens, space.tier_mask(tier_tokens), [True] * len(space.positions),
                              uniforms)
-            return _Stage1Window(q_ids, tier_tokens, uniforms, queued=True)
+            # waiting in the driver releases the GIL: the request thread's decode goes on meanwhile
+            decision = dev_s1.result(spin=False) if self.stage1_read_in_helper else None
+            return _Stage1Window(q_ids, tier_tokens, uniforms, queued=True, decision=decision)
 
         return run_in_helper(window)
 
@@ -420,8 +429,12 @@ class RequestEngine:
             if not f1.tier_mask[ti]:        # a collapsed tier runs as the cheapest equal tier
                 ti = tier_tokens.index(tier_tokens[ti])
             d_tier, d_p = HeadDecision(ti, 0.0), HeadDecision(pi, 0.0)
-        elif stage1_job is not None:        # queued under the decode: only the read-back is left
-            t_idx, lp_t, p_idx, lp_p = dev_s1.result(spin=self.spin_wait)
+        elif stage1_job is not None:        # queued under the decode: only the read-back is left (or not even that)
+            if window.decision is not None:
+                t_idx, lp_t, p_idx, lp_p = window.decision
+                self.stage1_read_by_helper += 1
+            else:
+                t_idx, lp_t, p_idx, lp_p = dev_s1.result(spin=self.spin_wait)
             d_tier, d_p = HeadDecision(t_idx, lp_t), HeadDecision(p_idx, lp_p)
         elif dev_s1 is not None:            # decided in the stream; the host reads the decision back
             dev_s1.prepare(controller, budget_ms)
