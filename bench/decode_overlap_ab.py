@@ -14,8 +14,9 @@ as `RequestEngine.serve` runs it:
   the window's result awaited, the sizes compared;
 - controlled, ids on the request thread: the previous split (commit f22a75c), the question's ids and the tiers'
   token counts before the submit, handed over through a ThreadPoolExecutor as then;
-- controlled, decision read in the helper (`stage1_read_in_helper`): the helper also waits for the decision (in
-  the driver, without the GIL) and reads it back, so the read-back after the step finds it done.
+- controlled, decision read after the decode (`stage1_read_in_helper=False`, the split before 2026-11-27): the
+  helper queues the decision and returns; the request thread reads it back after the step. In the other
+  controlled arms the helper also waits for the decision (in the driver, without the GIL) and reads it back.
 
 The arms alternate in a random order per round, each after a ~10 ms GPU wait polled by the host (the previous
 request's end, as in a request); a controlled arm's decision is read back after its timed step (that read-back
@@ -154,16 +155,16 @@ def main() -> int:
     for _ in range(3):                                   # graphs captured, weights uploaded, caches warm
         engine.serve(image, QUESTION, BUDGET_MS, ctl, max_new_tokens=2, generator=gen)
     overlapped_before = engine.decode_overlapped
-    helper_reads = RequestEngine(engine.model, engine.pre, engine.space, engine.importance, executor=engine.executor,
-                                 device_stage1=True, overlap_decode=True, stage1_read_in_helper=True)
+    reads_after = RequestEngine(engine.model, engine.pre, engine.space, engine.importance, executor=engine.executor,
+                                device_stage1=True, overlap_decode=True, stage1_read_in_helper=False)
     for _ in range(3):
-        helper_reads.serve(image, QUESTION, BUDGET_MS, ctl, max_new_tokens=2, generator=gen)
+        reads_after.serve(image, QUESTION, BUDGET_MS, ctl, max_new_tokens=2, generator=gen)
     arms = {"plain": lambda: part1_plain(engine, image),
             "controlled": lambda: part1_controlled(engine, image, ctl, gen),
             "controlled, ids on the request thread (f22a75c)":
                 lambda: part1_controlled_ids_here(engine, image, ctl, gen),
-            "controlled, decision read in the helper": lambda: part1_controlled(helper_reads, image, ctl, gen)}
-    readback = {"controlled, decision read in the helper": helper_reads}
+            "controlled, decision read after the decode": lambda: part1_controlled(reads_after, image, ctl, gen)}
+    readback = {"controlled, decision read after the decode": reads_after}
     data = {name: {"wall_ms": [], "cpu_ms": []} for name in arms}
     order = np.random.default_rng(1)
     t_start = time.perf_counter()
@@ -175,7 +176,7 @@ def main() -> int:
             w0, c0 = time.perf_counter(), time.thread_time()
             arms[name]()
             w1, c1 = time.perf_counter(), time.thread_time()
-            if name != "plain":     # the stage1 segment's read-back (already done by the helper in that arm)
+            if name != "plain":     # the stage1 segment's read-back (already done by the helper, but in one arm)
                 e = readback.get(name, engine)
                 e.stage1_on_device.result(spin=e.spin_wait)
             if i >= 10:
@@ -209,7 +210,7 @@ def main() -> int:
     for arm, st in stats.items():
         print(f"| {arm} | " + " | ".join(f"{st[k]['median']:.4f} ({st[k]['ci95_lo']:.4f} .. {st[k]['ci95_hi']:.4f})"
                                          for k in ("wall_ms", "cpu_ms", "off_cpu_ms")) + " |")
-    overlapped = engine.decode_overlapped - overlapped_before + helper_reads.decode_overlapped - 3
+    overlapped = engine.decode_overlapped - overlapped_before + reads_after.decode_overlapped - 3
     out = {"device": card, "date": time.strftime("%Y-%m-%d"),
            "torch": torch.__version__, "tiny": args.tiny, "pairs": args.pairs, "wait_ms": args.wait_ms,
            "png_bytes": len(image), "seconds": seconds, "arms": rows, "paired_difference": stats,

@@ -347,8 +347,8 @@ def main() -> int:
                     help="also the A/B with early_rest_prefill (top_k written on the device and the always-run "
                          "blocks queued before Stage2's decision is read)")
     ap.add_argument("--ab-s1-helper", action="store_true",
-                    help="also the A/B with Stage1's decision read back in the helper thread under the decode "
-                         "(stage1_read_in_helper), greedy")
+                    help="also the A/B with Stage1's decision read back on the request thread after the decode "
+                         "(stage1_read_in_helper=False; the default reads it in the helper), greedy")
     ap.add_argument("--ab-greedy", action="store_true",
                     help="also the A/B with greedy decisions (no draws: what the serving path runs)")
     ap.add_argument("--ab-only", action="store_true",
@@ -427,9 +427,9 @@ def main() -> int:
             engines["stages on the device, early rest of the prefill"] = early
             if args.ab_greedy:
                 engines["stages on the device, early rest of the prefill, greedy"] = (early, "greedy")
-        if args.ab_s1_helper:        # greedy, Stage1's decision read back in the helper thread
-            engines["stages on the device, stage1 read in the helper, greedy"] = (RequestEngine(
-                model, pre, space, importance, executor=fast_exec, stage1_read_in_helper=True), "greedy")
+        if args.ab_s1_helper:        # greedy, Stage1's decision read back on the request thread (before 2026-11-27)
+            engines["stages on the device, stage1 read after the decode, greedy"] = (RequestEngine(
+                model, pre, space, importance, executor=fast_exec, stage1_read_in_helper=False), "greedy")
         if args.ab_no_overlap:       # both stages on the device, the Stage1 window after the decode
             engines["stages on the device, no decode overlap"] = RequestEngine(
                 model, pre, space, importance, executor=fast_exec, overlap_decode=False)
@@ -442,7 +442,7 @@ def main() -> int:
         variant_pairs = tuple((f"stages on the device, early rest of the prefill{g}", f"stages on the device{g}")
                             for g in ("", ", greedy") if f"stages on the device, early rest of the prefill{g}" in engines)
         if args.ab_s1_helper and args.ab_greedy:
-            variant_pairs += (("stages on the device, stage1 read in the helper, greedy", "stages on the device, greedy"),)
+            variant_pairs += (("stages on the device, greedy", "stages on the device, stage1 read after the decode, greedy"),)
         abs_ = controller_ab(engines, ctl, image, args.ab_pairs, args.tokens, variant_pairs)
         for name in [n for n in abs_ if " minus " in n]:
             d = abs_.pop(name)

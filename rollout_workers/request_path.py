@@ -149,13 +149,14 @@ class RequestEngine:
         stage1_read_in_helper: with the decode overlap, the helper thread also waits for Stage1's decision (in the
             driver, without the GIL) and reads it back, under the image decode; the request thread then finds it
             in the window's result instead of reading it between the preprocess and stage1 marks, where the GPU
-            has nothing to do.
+            has nothing to do. Default: on with the overlap (an H100: stage1 segment 0.064 -> 0.036 ms, the
+            decode step unchanged; docs/PERFORMANCE.md).
     """
 
     def __init__(self, model, preprocessor, space: KnobSpace, importance: ImportanceScores, executor=None,
                  reuse_preprocess: bool = False, spin_wait: bool = True, device_stage2: Optional[bool] = None,
                  device_stage1: Optional[bool] = None, overlap_decode: Optional[bool] = None,
-                 early_rest_prefill: bool = False, stage1_read_in_helper: bool = False):
+                 early_rest_prefill: bool = False, stage1_read_in_helper: Optional[bool] = None):
         cfg = model.config
         if (space.num_layers, space.num_experts, space.native_top_k) != (cfg.n_layers, cfg.num_experts, cfg.top_k):
             raise ValueError(f"knob space is for {space.num_layers} blocks x {space.num_experts} experts (native top_k "
@@ -197,7 +198,7 @@ class RequestEngine:
         if self.overlap_decode and self.stage1_on_device is None:
             raise ValueError("overlap_decode needs the device Stage1 path (device_stage1=True)")
         self.decode_overlapped = 0          # requests whose Stage1 window ran under their image decode
-        self.stage1_read_in_helper = bool(stage1_read_in_helper)
+        self.stage1_read_in_helper = self.overlap_decode if stage1_read_in_helper is None else bool(stage1_read_in_helper)
         self.stage1_read_by_helper = 0      # requests whose Stage1 decision the helper read (for reports, tests)
         self.early_rest_prefill = bool(early_rest_prefill) and bool(getattr(self.executor, "device_top_k", False))
         if early_rest_prefill and not self.early_rest_prefill:

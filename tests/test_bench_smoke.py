@@ -41,7 +41,7 @@ def test_decode_overlap_ab_on_the_tiny_model(tmp_path):
     _run("decode_overlap_ab.py", "--tiny", "--pairs", "6", "--wait-ms", "1", "--out", str(out))
     d = json.loads(out.read_text())
     assert set(d["arms"]) == {"plain", "controlled", "controlled, ids on the request thread (f22a75c)",
-                              "controlled, decision read in the helper"}
+                              "controlled, decision read after the decode"}
     assert all(len(v["wall_ms"]) == 6 for v in d["raw"].values())
     for stats in d["paired_difference"].values():
         for k in ("wall_ms", "cpu_ms", "off_cpu_ms"):

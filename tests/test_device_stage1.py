@@ -205,10 +205,11 @@ def test_stage1_window_under_the_image_decode(tmp_path):
     image = _png(200, 100, seed=2)
     assert len(_compare_paths(dev, host, ctl, image, QUESTION, range(8))) > 1
     assert dev.decode_overlapped == 8 and dev.stage1_on_device.decided == 8
-    assert dev.stage1_read_by_helper == 0
-    dev.stage1_read_in_helper = True            # the helper also waits for the decision and reads it
+    assert dev.stage1_read_in_helper and dev.stage1_read_by_helper == 8      # the helper read each decision too
+    dev.stage1_read_in_helper = False           # the request thread reads it after the decode
     assert len(_compare_paths(dev, host, ctl, image, QUESTION, range(8, 14))) > 1
-    assert dev.stage1_read_by_helper == 6 and dev.decode_overlapped == 14
+    assert dev.stage1_read_by_helper == 8 and dev.decode_overlapped == 14
+    dev.stage1_read_in_helper = True
     dev.decode_overlapped, dev.stage1_on_device.decided = 8, 8       # the counts below go on from the first 8
     dev.overlap_decode = False
     _compare_paths(dev, host, ctl, image, QUESTION, range(2))
@@ -275,6 +276,7 @@ def test_request_path_on_cuda_equals_the_host_path(tmp_path):
     assert len(_compare_paths(dev, host, ctl, image, QUESTION, range(8))) > 1
     assert dev.stage1_on_device.decided == 8 and dev.stage1_on_device.captured == 1
     assert dev.decode_overlapped == 8           # each window ran in the helper thread, on this thread's stream
-    dev.stage1_read_in_helper = True            # the helper waits for the decision on the GPU and reads it
+    assert dev.stage1_read_by_helper == 8       # the helper waited for each decision on the GPU and read it
+    dev.stage1_read_in_helper = False
     assert len(_compare_paths(dev, host, ctl, image, QUESTION, range(8, 14))) > 1
-    assert dev.stage1_read_by_helper == 6 and dev.decode_overlapped == 14
+    assert dev.stage1_read_by_helper == 8 and dev.decode_overlapped == 14
