@@ -145,7 +145,8 @@ class RequestEngine:
             engine), queue Stage2's top_k into the blocks' device memory and the blocks that run under every
             num_blocks option (from p up to the first block some option drops) before waiting for the decision,
             so that the GPU is not idle while the host reads it; the stage2 segment then ends when Stage2 is
-            queued, and those blocks count in the rest of the prefill. Off by default: not yet timed on a GPU.
+            queued, and those blocks count in the rest of the prefill. Off by default: on an H100 it saved only
+            0.008-0.025 ms (docs/PERFORMANCE.md), not worth a second top_k path.
         stage1_read_in_helper: with the decode overlap, the helper thread also waits for Stage1's decision (in the
             driver, without the GIL) and reads it back, under the image decode; the request thread then finds it
             in the window's result instead of reading it between the preprocess and stage1 marks, where the GPU
