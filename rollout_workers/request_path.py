@@ -200,6 +200,8 @@ class RequestEngine:
             raise ValueError("overlap_decode needs the device Stage1 path (device_stage1=True)")
         self.decode_overlapped = 0          # requests whose Stage1 window ran under their image decode
         self.stage1_read_in_helper = self.overlap_decode if stage1_read_in_helper is None else bool(stage1_read_in_helper)
+        if self.stage1_read_in_helper and not self.overlap_decode:
+            raise ValueError("stage1_read_in_helper needs the decode overlap (overlap_decode=True)")
         self.stage1_read_by_helper = 0      # requests whose Stage1 decision the helper read (for reports, tests)
         self.early_rest_prefill = bool(early_rest_prefill) and bool(getattr(self.executor, "device_top_k", False))
         if early_rest_prefill and not self.early_rest_prefill:

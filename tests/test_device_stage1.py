@@ -245,6 +245,9 @@ def test_stage1_window_under_the_image_decode(tmp_path):
     from rollout_workers.request_path import RequestEngine
     with pytest.raises(ValueError, match="overlap_decode needs the device Stage1"):
         RequestEngine(host.model, host.pre, host.space, host.importance, device_stage1=False, overlap_decode=True)
+    with pytest.raises(ValueError, match="stage1_read_in_helper needs the decode overlap"):
+        RequestEngine(host.model, host.pre, host.space, host.importance, device_stage1=False,
+                      stage1_read_in_helper=True)
 
 
 gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
