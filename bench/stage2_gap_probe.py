@@ -52,9 +52,11 @@ class Stamps:
     def __init__(self, device: torch.device, slots: int = 64):
         self.buf = torch.zeros(slots, dtype=torch.int64, device=device)
         self.labels: list[str] = []
+        self.host: dict[str, float] = {}        # host perf_counter (s) at labelled points
 
     def reset(self) -> None:
         self.labels = []
+        self.host = {}
 
     def __call__(self, label: str) -> None:
         triton_kernels.stamp_ns(self.buf, len(self.labels))
@@ -71,12 +73,13 @@ def instrument(engine: RequestEngine, fast: FastEngine, stamps: Stamps) -> None:
     methods; the request path calls them through the instance)."""
     state = {"after_stage2": False}
     prefill, head, dev_s2 = fast.prefill, fast.head, engine.stage2_on_device
-    queue = dev_s2.queue
+    queue, result = dev_s2.queue, dev_s2.result
 
     def stamped_prefill(x, block_ids, top_k):
         name = "rest" if state["after_stage2"] else "prefix"
         if state["after_stage2"] and top_k is None:
             name = "early"
+        stamps.host.setdefault(f"{name} call", time.perf_counter())
         stamps(f"{name} start")
         h = prefill(x, block_ids, top_k)
         stamps(f"{name} end")
@@ -85,7 +88,15 @@ def instrument(engine: RequestEngine, fast: FastEngine, stamps: Stamps) -> None:
     def stamped_queue(*a, **k):
         queue(*a, **k)
         stamps("stage2 done")
+        stamps.host["stage2 queued"] = time.perf_counter()
         state["after_stage2"] = True
+
+    def timed_result(*a, **k):
+        out = result(*a, **k)
+        stamps.host["decision read"] = time.perf_counter()
+        return out
+
+    dev_s2.result = timed_result
 
     def stamped_head(h):
         out = head(h)
@@ -100,10 +111,13 @@ def use_hooks(engine: RequestEngine, fast: FastEngine) -> None:
     fast.prefill, engine.stage2_on_device.queue, fast.head = engine._stamp_hooks
 
 
-def summarise(stamps: list[tuple[str, float]]) -> dict:
+def summarise(stamps: list[tuple[str, float]], host: dict[str, float]) -> dict:
     t = dict(stamps)      # labels are unique within a request (one prefix, at most one early, one rest)
     first_after = "early start" if "early start" in t else "rest start"
     return {"bubble_us": t[first_after] - t["stage2 done"],
+            # the host: from Stage2 queued to its decision read (waiting for the GPU), then to the rest's call
+            "host_wait_for_decision_us": (host["decision read"] - host["stage2 queued"]) * 1e6,
+            "host_decision_to_rest_call_us": (host["rest call"] - host["decision read"]) * 1e6,
             "stage2_us": t["stage2 done"] - t["prefix end"],
             "prefix_end_to_head_end_us": t["head end"] - t["prefix end"],
             "early_end_to_rest_start_us": (t["rest start"] - t["early end"]) if "early end" in t else None,
@@ -136,6 +150,18 @@ def main() -> int:
     ctl = TwoStageController(space, cfg.d_model, token_rms=engines["default"].token_rms())
     image = png()
     stamps = Stamps(device)
+    # a stamp's own host cost: the GPU waits for it too where the host is behind (what each wait includes)
+    for _ in range(100):
+        stamps("warm")
+        stamps.reset()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(32):
+        for _ in range(32):
+            stamps("x")
+        stamps.reset()
+    launch_us = (time.perf_counter() - t0) / 1024 * 1e6
+    torch.cuda.synchronize()
     originals = (fast.prefill, None, fast.head)
     for e in engines.values():
         instrument(e, fast, stamps)
@@ -151,21 +177,27 @@ def main() -> int:
             torch.cuda.synchronize()
             fast.prefill, fast.head = originals[0], originals[2]
             if i >= 5:
-                rows[str(name)].append(summarise(stamps.read()))
+                rows[str(name)].append(summarise(stamps.read(), stamps.host))
                 knobs[str(name)].append(str(r.knobs))
     out = {"card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-           "rounds": args.rounds, "knobs": {n: sorted(set(k)) for n, k in knobs.items()}, "variants": {}}
-    print(f"{out['card']}, {args.rounds} rounds, greedy; knobs {out['knobs']}")
-    print("| variant | Stage2 us | GPU wait after Stage2 us | early end -> rest start us | prefix end -> head end us |")
-    print("|---|---|---|---|---|")
+           "rounds": args.rounds, "knobs": {n: sorted(set(k)) for n, k in knobs.items()},
+           "stamp_launch_host_us": launch_us, "variants": {}}
+    print(f"{out['card']}, {args.rounds} rounds, greedy; knobs {out['knobs']}; one stamp costs the host "
+          f"{launch_us:.1f} us to launch (each wait below includes one)")
+    print("| variant | Stage2 us | GPU wait after Stage2 us | early end -> rest start us | prefix end -> head end us "
+          "| host: Stage2 queued -> decision read us | host: decision read -> rest call us |")
+    print("|---|---|---|---|---|---|---|")
     for name, rs in rows.items():
-        med = {k: statistics.median(r[k] for r in rs) for k in ("stage2_us", "bubble_us", "prefix_end_to_head_end_us")}
+        med = {k: statistics.median(r[k] for r in rs) for k in ("stage2_us", "bubble_us", "prefix_end_to_head_end_us",
+                                                                 "host_wait_for_decision_us",
+                                                                 "host_decision_to_rest_call_us")}
         gaps = [r["early_end_to_rest_start_us"] for r in rs if r["early_end_to_rest_start_us"] is not None]
         med["early_end_to_rest_start_us"] = statistics.median(gaps) if gaps else None
         out["variants"][name] = {"median": med, "per_request": rs}
         print(f"| {name} | {med['stage2_us']:.1f} | {med['bubble_us']:.1f} | "
               f"{'-' if med['early_end_to_rest_start_us'] is None else format(med['early_end_to_rest_start_us'], '.1f')} "
-              f"| {med['prefix_end_to_head_end_us']:.1f} |")
+              f"| {med['prefix_end_to_head_end_us']:.1f} | {med['host_wait_for_decision_us']:.1f} "
+              f"| {med['host_decision_to_rest_call_us']:.1f} |")
     same = [(a["prefix_end_to_head_end_us"] - b["prefix_end_to_head_end_us"])
             for a, b, ka, kb in zip(rows["early_rest_prefill"], rows["default"], knobs["early_rest_prefill"],
                                     knobs["default"]) if ka == kb]
