@@ -654,7 +654,9 @@ class FastEngine:
         table = self._top_k_tables.get(key)
         if table is None:
             table = self._top_k_tables[key] = torch.tensor(key, dtype=torch.long, device=self.device)
-        k = table[k_index.long()]
+        # index_select, not table[k_index]: indexing with a 0-d tensor reads it on the host (a sync that waits for
+        # the decision, which is what this method exists to avoid)
+        k = torch.index_select(table, 0, k_index.long().reshape(1)).reshape(())
         blocks = range(int(first_block), self.n_layers)
         torch._foreach_copy_([self._top_k[b] for b in blocks], [k] * len(blocks))
         for b in blocks:

@@ -121,3 +121,12 @@ def test_same_tokens_and_logits_with_cuda_graphs(tmp_path):
         assert max(float((x - y).abs().max()) for x, y in zip(a.step_logits, b.step_logits)) < 2e-3
         assert all(h in (-1, int(t)) for h, t in zip(fast._top_k_host, fast._top_k))
     assert early.early_blocks_queued >= 6
+    # the top_k write queues without waiting for the decision (a sync here made the early path pointless)
+    k_index = torch.tensor(1.0, device="cuda")
+    fast.write_top_k_on_device(1, k_index, space.top_ks)        # the option table uploaded once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fast.write_top_k_on_device(1, k_index, space.top_ks)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
