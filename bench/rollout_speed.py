@@ -344,8 +344,8 @@ def main() -> int:
                     help="also the A/B with the Stage1 window after the image decode (overlap_decode=False), "
                          "draws from a generator")
     ap.add_argument("--ab-early", action="store_true",
-                    help="also the A/B with early_rest_prefill (top_k written on the device and the always-run "
-                         "blocks queued before Stage2's decision is read)")
+                    help="also the A/B without early_rest_prefill (the rest of the prefill queued after Stage2's "
+                         "decision is read), and the default's controlled arm against it round by round")
     ap.add_argument("--ab-s1-helper", action="store_true",
                     help="also the A/B with Stage1's decision read back on the request thread after the decode "
                          "(stage1_read_in_helper=False; the default reads it in the helper), greedy")
@@ -422,11 +422,11 @@ def main() -> int:
             engines["stages on the device, uniform stream"] = (fast, UniformStream(torch.Generator().manual_seed(0)))
         if args.ab_greedy:           # the same engine, argmax decisions (the serving path)
             engines["stages on the device, greedy"] = (fast, "greedy")
-        if args.ab_early:            # the always-run blocks queued before the Stage2 decision is read
-            early = RequestEngine(model, pre, space, importance, executor=fast_exec, early_rest_prefill=True)
-            engines["stages on the device, early rest of the prefill"] = early
+        if args.ab_early:            # the rest of the prefill queued after the decision (the default before 2026-11-27)
+            late = RequestEngine(model, pre, space, importance, executor=fast_exec, early_rest_prefill=False)
+            engines["stages on the device, rest of the prefill after the decision"] = late
             if args.ab_greedy:
-                engines["stages on the device, early rest of the prefill, greedy"] = (early, "greedy")
+                engines["stages on the device, rest of the prefill after the decision, greedy"] = (late, "greedy")
         if args.ab_s1_helper:        # greedy, Stage1's decision read back on the request thread (before 2026-11-27)
             engines["stages on the device, stage1 read after the decode, greedy"] = (RequestEngine(
                 model, pre, space, importance, executor=fast_exec, stage1_read_in_helper=False), "greedy")
@@ -439,8 +439,9 @@ def main() -> int:
         if args.ab_host_stage2:      # both stages on the host (the numpy act path)
             engines["stages on the host"] = RequestEngine(model, pre, space, importance, executor=fast_exec,
                                                           device_stage1=False, device_stage2=False)
-        variant_pairs = tuple((f"stages on the device, early rest of the prefill{g}", f"stages on the device{g}")
-                            for g in ("", ", greedy") if f"stages on the device, early rest of the prefill{g}" in engines)
+        late_name = "stages on the device, rest of the prefill after the decision{}"
+        variant_pairs = tuple((f"stages on the device{g}", late_name.format(g))
+                              for g in ("", ", greedy") if late_name.format(g) in engines)
         if args.ab_s1_helper and args.ab_greedy:
             variant_pairs += (("stages on the device, greedy", "stages on the device, stage1 read after the decode, greedy"),)
         abs_ = controller_ab(engines, ctl, image, args.ab_pairs, args.tokens, variant_pairs)

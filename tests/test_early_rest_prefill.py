@@ -70,7 +70,7 @@ def test_same_decisions_tokens_and_logits(tmp_path, importance_kind, padded):
         assert early.early_blocks_queued >= 10
     assert ref.early_blocks_queued == 0
     c = ref.serve(image, QUESTION, 40.0, ctl, generator=torch.Generator().manual_seed(0), max_new_tokens=2)
-    assert ref.early_blocks_queued == 0 and c.answer_ids            # off by default
+    assert ref.early_blocks_queued == 0 and c.answer_ids            # off when asked
     # the device top_k the early path wrote is what the engine records: a later plain request with other knobs
     # gives a fresh engine's logits
     for fixed in (KnobChoice("low", space.tier_max_crops[0], 1, 1, 3),
@@ -84,6 +84,14 @@ def test_same_decisions_tokens_and_logits(tmp_path, importance_kind, padded):
 def test_needs_an_engine_with_device_top_k(tmp_path):
     bundle, cfg, space = _tiny(tmp_path)
     L = cfg.n_layers
+    imp = ImportanceScores.by_index(L)
+    # by default on exactly when it can act: the fast engine (device top_k) and Stage2 on the device
+    on = RequestEngine(bundle.model, bundle.preprocessor, space, imp, device_stage2=True,
+                       executor=FastEngine(bundle.model, max_len=64))
+    assert on.early_rest_prefill
+    assert not RequestEngine(bundle.model, bundle.preprocessor, space, imp, device_stage2=False,
+                             executor=FastEngine(bundle.model, max_len=64)).early_rest_prefill
+    assert not RequestEngine(bundle.model, bundle.preprocessor, space, imp, device_stage2=True).early_rest_prefill
     with pytest.raises(ValueError, match="early_rest_prefill needs an engine whose top_k is device data"):
         RequestEngine(bundle.model, bundle.preprocessor, space, ImportanceScores.by_index(L), device_stage2=True,
                       early_rest_prefill=True)
