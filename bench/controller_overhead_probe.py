@@ -87,8 +87,8 @@ def main() -> int:
     if args.tiny_cpu:
         space = KnobSpace(("low", "medium", "high"), (1, 2, 4), (1, 2), (1, 2), (3, 4), L, cfg.num_experts, cfg.top_k)
     else:
-        space = KnobSpace(("low", "medium", "high"), (3, 6, 12), (1, 2, 3, 4, 5), (4, 5, 6, 7, 8),
-                          (12, 13, 14, 15, 16), L, cfg.num_experts, cfg.top_k)
+        from bench.rollout_speed import benchmark_space
+        space = benchmark_space(L, cfg.num_experts, cfg.top_k)
     imp = ImportanceScores.by_index(L)
     pre = MolmoPreprocessor(cfg, word_level_tokenizer(cfg, QUESTION.split()))
     if args.tiny_cpu:

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from rollout_speed import QUESTION, png  # noqa: E402
+from rollout_speed import QUESTION, benchmark_space, png  # noqa: E402
 from rollout_workers.molmoe_backend import word_level_tokenizer  # noqa: E402
 from rollout_workers.molmoe.preprocessing import MolmoPreprocessor  # noqa: E402
 from rollout_workers.request_path import RequestEngine  # noqa: E402
@@ -74,8 +74,7 @@ def build(tiny: bool, device: torch.device) -> tuple[RequestEngine, TwoStageCont
         model = random_full_size(device, torch.bfloat16, seed=0).eval()
         pre = MolmoPreprocessor(cfg, word_level_tokenizer(cfg, QUESTION.split()))
         L = cfg.n_layers
-        space = KnobSpace(("low", "medium", "high"), (3, 6, 12), (1, 2, 3, 4, 5), (4, 5, 6, 7, 8),
-                          (12, 13, 14, 15, 16), L, cfg.num_experts, cfg.top_k)
+        space = benchmark_space(L, cfg.num_experts, cfg.top_k)
     engine = RequestEngine(model, pre, space, ImportanceScores.by_index(L), device_stage1=True, overlap_decode=True)
     return engine, TwoStageController(space, cfg.d_model, token_rms=engine.token_rms())
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.rollout_speed import QUESTION, png  # noqa: E402
+from bench.rollout_speed import QUESTION, benchmark_space, png  # noqa: E402
 from rollout_workers.executors import EagerEngine  # noqa: E402
 from rollout_workers.fast_engine import FastEngine, vision_layer  # noqa: E402
 from rollout_workers.molmoe.config import MolmoeConfig  # noqa: E402
@@ -33,7 +33,7 @@ from rollout_workers.molmoe.loader import random_full_size  # noqa: E402
 from rollout_workers.molmoe.preprocessing import MolmoPreprocessor  # noqa: E402
 from rollout_workers.molmoe_backend import word_level_tokenizer  # noqa: E402
 from rollout_workers.request_path import RequestEngine  # noqa: E402
-from shared.knobs import ImportanceScores, KnobChoice, KnobSpace  # noqa: E402
+from shared.knobs import ImportanceScores, KnobChoice  # noqa: E402
 
 
 def main() -> int:
@@ -49,8 +49,7 @@ def main() -> int:
     dev = torch.device("cuda")
     cfg = MolmoeConfig.full()
     L = cfg.n_layers
-    space = KnobSpace(("low", "medium", "high"), (3, 6, 12), (1, 2, 3, 4, 5), (4, 5, 6, 7, 8), (12, 13, 14, 15, 16),
-                      L, cfg.num_experts, cfg.top_k)
+    space = benchmark_space(L, cfg.num_experts, cfg.top_k)
     imp = ImportanceScores.by_index(L)
     pre = MolmoPreprocessor(cfg, word_level_tokenizer(cfg, QUESTION.split()))
     print("tf32 matmul", torch.backends.cuda.matmul.allow_tf32, "cudnn tf32", torch.backends.cudnn.allow_tf32, flush=True)

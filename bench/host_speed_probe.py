@@ -77,7 +77,7 @@ def main() -> int:
     except ImportError:
         pass
     rows = {}
-    print(f"| workload | median ms | CV all | window CV median | window CV max | windows with CV <= 3% |")
+    print("| workload | median ms | CV all | window CV median | window CV max | windows with CV <= 3% |")
     print("|---|---|---|---|---|---|")
     for name, fn in works.items():
         for _ in range(5):

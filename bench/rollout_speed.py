@@ -44,6 +44,12 @@ TARGETS = {"vision_ms": 9.0, "prefill_ms": 10.0, "decode_ms_per_token": 1.8, "ro
            "decode_saving_vs_floor": 0.7, "warmup_s": 180.0}
 
 
+def benchmark_space(n_layers: int = 16, num_experts: int = 64, native_top_k: int = 8) -> KnobSpace:
+    """The benchmarks' knob space: tiers of 3 / 6 / 12 crops, p 1-5, top_k 4-8, 12-16 blocks (full-size MolmoE)."""
+    return KnobSpace(("low", "medium", "high"), (3, 6, 12), (1, 2, 3, 4, 5), (4, 5, 6, 7, 8), (12, 13, 14, 15, 16),
+                     n_layers, num_experts, native_top_k)
+
+
 def png(w=1024, h=768, seed=0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
@@ -373,8 +379,7 @@ def main() -> int:
     print(f"{card}: copy bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
           f"{rates['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     L = cfg.n_layers
-    space = KnobSpace(("low", "medium", "high"), (3, 6, 12), (1, 2, 3, 4, 5), (4, 5, 6, 7, 8), (12, 13, 14, 15, 16),
-                      L, cfg.num_experts, cfg.top_k)
+    space = benchmark_space(L, cfg.num_experts, cfg.top_k)
     importance = ImportanceScores.by_index(L)
     tok = word_level_tokenizer(cfg, QUESTION.split())
     pre = MolmoPreprocessor(cfg, tok)

@@ -38,7 +38,6 @@ from PIL import Image  # noqa: E402
 from rollout_workers.device_stage1 import DeviceStage1  # noqa: E402
 from rollout_workers.molmoe.preprocessing import decode_image  # noqa: E402
 from shared.controller import Stage1Features, TwoStageController, uniform_pair  # noqa: E402
-from shared.knobs import KnobSpace  # noqa: E402
 
 QUESTION = "what colour is the small circle in the top left corner of the picture"
 
@@ -61,8 +60,8 @@ def main() -> int:
         return 2
     torch.set_num_threads(4)
     dev = torch.device("cuda")
-    space = KnobSpace(("low", "medium", "high"), (3, 6, 12), (1, 2, 3, 4, 5), (4, 5, 6, 7, 8), (12, 13, 14, 15, 16),
-                      16, 64, 8)
+    from bench.rollout_speed import benchmark_space
+    space = benchmark_space()
     torch.manual_seed(0)
     ctl = TwoStageController(space, 2048)
     table = torch.randn(50304, 2048, device=dev, dtype=torch.bfloat16) * 0.02

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from rollout_speed import QUESTION, png  # noqa: E402
+from rollout_speed import QUESTION, benchmark_space, png  # noqa: E402
 from rollout_workers import triton_kernels  # noqa: E402
 from rollout_workers.fast_engine import FastEngine  # noqa: E402
 from rollout_workers.molmoe.config import MolmoeConfig  # noqa: E402
@@ -41,7 +41,7 @@ from rollout_workers.molmoe.preprocessing import MolmoPreprocessor  # noqa: E402
 from rollout_workers.molmoe_backend import word_level_tokenizer  # noqa: E402
 from rollout_workers.request_path import RequestEngine  # noqa: E402
 from shared.controller import TwoStageController  # noqa: E402
-from shared.knobs import ImportanceScores, KnobSpace  # noqa: E402
+from shared.knobs import ImportanceScores  # noqa: E402
 
 BUDGET_MS = 250.0
 
@@ -137,8 +137,7 @@ def main() -> int:
     device = torch.device("cuda")
     cfg = MolmoeConfig.full()
     L = cfg.n_layers
-    space = KnobSpace(("low", "medium", "high"), (3, 6, 12), (1, 2, 3, 4, 5), (4, 5, 6, 7, 8), (12, 13, 14, 15, 16),
-                      L, cfg.num_experts, cfg.top_k)
+    space = benchmark_space(L, cfg.num_experts, cfg.top_k)
     importance = ImportanceScores.by_index(L)
     model = random_full_size(device, torch.bfloat16, seed=0).eval()
     pre = MolmoPreprocessor(cfg, word_level_tokenizer(cfg, QUESTION.split()))
